@@ -1,0 +1,40 @@
+"""Durable file writes: the only way libvirt-cgrep writes a file that must survive.
+
+``save_file`` guarantees that after it returns, the file has either its old
+content or the complete new content, even across a crash: temp file in the same
+directory, fsync, ``os.replace``, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or create inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically and durably replace ``path`` with ``data``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)

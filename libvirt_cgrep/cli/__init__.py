@@ -1,0 +1,155 @@
+"""The ``virt-cgrep`` command: parse, dispatch, report errors. The only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+from libvirt_cgrep import __version__
+from libvirt_cgrep.errors import EXIT_CODES, EXIT_OK, CgrepError, UsageError, exit_code_for
+
+Handler = Callable[[argparse.Namespace], int]
+
+PROG = "virt-cgrep"
+
+DESCRIPTION = """\
+Write-order-consistent replication of multi-disk libvirt/QEMU virtual machines.
+
+A recovery point is one consistent cut across every disk of a VM: if the
+guest issued write B after write A was acknowledged, any point holding B
+also holds A. virt-cgrep takes such cuts through libvirt (one atomic,
+disk-only snapshot per domain, which QEMU runs as ONE transaction), and
+never changes a domain's backing chain behind libvirt's back.
+"""
+
+EPILOG = """\
+verbs:
+  lab build               build the lab guest (kernel, busybox initramfs, workload)
+  lab up NAME             define and start a lab domain with N data disks
+  lab down NAME           destroy a lab domain and remove its files
+  lab list                list lab domains
+  lab status NAME         show a lab domain's last acknowledged record
+  lab check IMAGE...      check that images form one write-order-consistent cut
+  version                 print the version
+
+  Run 'virt-cgrep VERB --help' (e.g. 'virt-cgrep lab up --help') for a verb's options.
+  Every read verb takes --json for machine-readable output on stdout.
+
+guest pauses:
+  No verb in this release pauses a guest. The lab's checks only read images
+  (qemu-img -U) and never write or lock them.
+
+exit status:
+{exit_table}
+
+environment:
+  LIBVIRT_DEFAULT_URI     connection URI when -c is not given (default qemu:///system)
+  CGREP_LAB_DIR           lab domains' files (default /var/lib/libvirt-cgrep/lab)
+  CGREP_LAB_CACHE         lab guest build cache (default /var/cache/libvirt-cgrep/lab)
+
+files:
+  /var/lib/libvirt-cgrep/lab/NAME/     a lab domain's disks and console.log
+  /var/cache/libvirt-cgrep/lab/        vmlinuz, initrd.img and their input stamp
+
+examples:
+  virt-cgrep lab build
+  virt-cgrep lab up db1 --disks 4 --size 64M
+  virt-cgrep lab status db1 --json
+  virt-cgrep lab check --domain db1
+  virt-cgrep lab check /var/lib/libvirt-cgrep/lab/db1/vd?.qcow2
+  virt-cgrep lab down db1
+"""
+
+_EXIT_MEANING = {
+    0: "success",
+    1: "lab check: the images are NOT a consistent cut (a hole or a bad record)",
+    2: "lab check: the images could not be read",
+    64: "usage: a bad argument (name, size, count, option); nothing was changed",
+    65: "not found: unknown domain, image or file",
+    66: "wrong state: e.g. the domain is not running, or not a lab domain's",
+    67: "conflict: already exists, or held by another writer",
+    68: "unavailable: libvirtd, QEMU or a needed tool cannot be reached",
+    69: "a libvirt operation failed",
+    70: "internal error (a bug: please report it)",
+    71: "an external command failed (qemu-img, apt-get, gcc, ...)",
+    72: "building the lab guest failed",
+    130: "interrupted",
+}
+
+
+def _exit_table() -> str:
+    codes = sorted({*EXIT_CODES.values(), 0, 130})
+    return "\n".join(f"  {c:<3}  {_EXIT_MEANING.get(c, '')}" for c in codes)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from libvirt_cgrep.cli import lab
+
+    p = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG.format(exit_table=_exit_table()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt connection URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress on stderr (-vv: debug)")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    v = sub.add_parser("version", help="print the version", description="Print the version of virt-cgrep.")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=_version)
+
+    lab.register(sub)
+    return p
+
+
+def _version(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.cli.output import emit_json
+
+    if args.json:
+        emit_json({"version": __version__})
+    else:
+        print(f"{PROG} {__version__}")
+    return EXIT_OK
+
+
+def wrap(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the verb; return the exit status (never exits)."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.WARNING - 10 * min(int(args.verbose), 2),
+            format=f"{PROG}: %(message)s",
+            stream=sys.stderr,
+        )
+        func: Handler = args.func
+        return func(args)
+    except CgrepError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return exit_code_for(KeyboardInterrupt())
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""Pure core: plain data in, plain data out. No I/O, no clocks, no libvirt."""

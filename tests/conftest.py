@@ -1,0 +1,103 @@
+"""Shared fixtures: real daemons, the real lab guest, lab domains that are always torn down.
+
+Fixtures install nothing (``make test`` does that); they start ``virtlogd`` and
+``libvirtd`` when they are not running, and remove every domain they created,
+even when a test fails. No guest is left paused or running after the suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.lab import domain as labdom
+from libvirt_cgrep.lab.build import GuestArtifacts, build_guest
+
+URI = "qemu:///system"
+PREFIX = f"cgt{os.getpid()}"
+_counter = itertools.count()
+
+
+def _daemon_running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
+def ensure_daemons() -> None:
+    """Start virtlogd and libvirtd (no systemd here) and wait for the socket."""
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _daemon_running(daemon):
+            subprocess.run([daemon, "-d"], check=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            libvirt.open(URI).close()
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def conn() -> Iterator[libvirt.virConnect]:
+    ensure_daemons()
+    c = lv.connect(URI)
+    yield c
+    # Safety net: nothing this session created may survive it.
+    for dom in c.listAllDomains(0):
+        if dom.name().startswith(PREFIX):
+            try:
+                labdom.down(c, dom.name())
+            except Exception:  # pragma: no cover - best effort
+                pass
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestArtifacts:
+    return build_guest()
+
+
+def unique_name(tag: str = "vm") -> str:
+    return f"{PREFIX}-{tag}{next(_counter)}"
+
+
+LabFactory = Callable[..., labdom.LabDomain]
+
+
+@pytest.fixture
+def lab_vm(conn: libvirt.virConnect, guest: GuestArtifacts) -> Iterator[LabFactory]:
+    """Factory: ``lab_vm(disks=4, size=64<<20, ...)`` starts a lab domain; all are removed after the test."""
+    made: list[str] = []
+
+    def make(disks: int = 2, size: int = 64 << 20, tag: str = "vm", **kw: object) -> labdom.LabDomain:
+        name = unique_name(tag)
+        spec = labdom.LabSpec(
+            name=name, disks=disks, size=size, kernel=guest.kernel, initrd=guest.initrd,
+            directory=labdom.lab_root() / name, **kw,  # type: ignore[arg-type]
+        )
+        made.append(name)
+        return labdom.up(conn, spec)
+
+    yield make
+    for name in made:
+        try:
+            labdom.down(conn, name)
+        except Exception:
+            pass
+        assert not (labdom.lab_root() / name).exists()
+
+
+def wait_progress(console_log: Path, records: int = 20, timeout: float = 30.0) -> int:
+    """Wait until the workload acknowledged ``records`` more records; return the new last ack."""
+    start = labdom.read_console(console_log).ack
+    base = start.seq if start else -1
+    return labdom.wait_for_ack(console_log, after=base + records, timeout=timeout).seq
