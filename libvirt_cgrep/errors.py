@@ -114,5 +114,5 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     for cls in type(exc).__mro__:
         if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
+            return EXIT_CODES[cls]
     return EXIT_CODES[InternalError]

@@ -7,6 +7,7 @@ even when a test fails. No guest is left paused or running after the suite.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -54,16 +55,14 @@ def conn() -> Iterator[libvirt.virConnect]:
     # Safety net: nothing this session created may survive it.
     for dom in c.listAllDomains(0):
         if dom.name().startswith(PREFIX):
-            try:
+            with contextlib.suppress(Exception):
                 labdom.down(c, dom.name())
-            except Exception:  # pragma: no cover - best effort
-                pass
     c.close()
 
 
 @pytest.fixture(scope="session")
 def guest() -> GuestArtifacts:
-    return build_guest()
+    return build_guest(offline=True)
 
 
 def unique_name(tag: str = "vm") -> str:
@@ -81,18 +80,21 @@ def lab_vm(conn: libvirt.virConnect, guest: GuestArtifacts) -> Iterator[LabFacto
     def make(disks: int = 2, size: int = 64 << 20, tag: str = "vm", **kw: object) -> labdom.LabDomain:
         name = unique_name(tag)
         spec = labdom.LabSpec(
-            name=name, disks=disks, size=size, kernel=guest.kernel, initrd=guest.initrd,
-            directory=labdom.lab_root() / name, **kw,  # type: ignore[arg-type]
+            name=name,
+            disks=disks,
+            size=size,
+            kernel=guest.kernel,
+            initrd=guest.initrd,
+            directory=labdom.lab_root() / name,
+            **kw,  # type: ignore[arg-type]
         )
         made.append(name)
         return labdom.up(conn, spec)
 
     yield make
     for name in made:
-        try:
+        with contextlib.suppress(Exception):
             labdom.down(conn, name)
-        except Exception:
-            pass
         assert not (labdom.lab_root() / name).exists()
 
 

@@ -36,11 +36,11 @@ def test_help_reads_like_a_man_page(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_names_are_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    before = set(p.name for p in labdom.lab_root().glob("*")) if labdom.lab_root().exists() else set()
+    before = {p.name for p in labdom.lab_root().glob("*")} if labdom.lab_root().exists() else set()
     assert run(["lab", "up", name, "--disks", "1"]) == 64
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("virt-cgrep: error:")
-    after = set(p.name for p in labdom.lab_root().glob("*")) if labdom.lab_root().exists() else set()
+    after = {p.name for p in labdom.lab_root().glob("*")} if labdom.lab_root().exists() else set()
     assert before == after
 
 

@@ -51,8 +51,14 @@ def test_atomic_snapshots_are_consistent(conn: libvirt.virConnect, lab_vm: LabFa
         acked = wait_progress(vm.directory / "console.log", records=20)
         frozen = active_tops(conn, vm.name)
         specs = [f"{t},snapshot=external,file={vm.directory / f'{t}.a{trial}.qcow2'}" for t in frozen]
-        virsh("snapshot-create-as", vm.name, "--disk-only", "--atomic", "--no-metadata",
-              *[a for s in specs for a in ("--diskspec", s)])
+        virsh(
+            "snapshot-create-as",
+            vm.name,
+            "--disk-only",
+            "--atomic",
+            "--no-metadata",
+            *[a for s in specs for a in ("--diskspec", s)],
+        )
         verdict = check_images(list(frozen.values()))
         assert verdict.max >= acked, "the cut lost a record acknowledged before it started"
         consistent += verdict.consistent

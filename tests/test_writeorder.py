@@ -28,7 +28,7 @@ def write_disks(tmp: Path, seqs: list[int], *, ndisks: int = 4, slots: int = 16,
 def recs(seqs: list[int]) -> list[wo.Record]:
     out = []
     for s in seqs:
-        vm, disk, slot = wo.place(s, 1, 4, 16)
+        _vm, _disk, slot = wo.place(s, 1, 4, 16)
         out.append(wo.decode(wo.encode(s, **GEOM), slot * 4096))
     return [r for r in out if r is not None]
 

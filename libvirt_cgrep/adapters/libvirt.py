@@ -138,8 +138,10 @@ def disks_from_xml(xml: str) -> tuple[DiskSource, ...]:
 def persistent_xml(dom: libvirt.virDomain) -> str:
     """The persistent (inactive) definition, which is what a restart uses."""
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    return call("reading the domain definition", dom.XMLDesc, flags)
+    xml: str = call("reading the domain definition", dom.XMLDesc, flags)
+    return xml
 
 
 def live_xml(dom: libvirt.virDomain) -> str:
-    return call("reading the live domain definition", dom.XMLDesc, 0)
+    xml: str = call("reading the live domain definition", dom.XMLDesc, 0)
+    return xml

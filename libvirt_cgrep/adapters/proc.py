@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from libvirt_cgrep.errors import CommandError, UnavailableError
 
@@ -25,17 +27,29 @@ def run(
     *,
     timeout: float = 600.0,
     input: bytes | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
     error: type[CommandError] = CommandError,
 ) -> str:
     """Run ``argv``; return stdout as text. Raise ``error`` with stderr's last line on failure."""
-    require_tool(argv[0])
+    if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+        raise UnavailableError(f"{argv[0]} is not installed (run 'make install' or install its Debian package)")
     log.debug("run %s", " ".join(argv))
     try:
-        proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         raise error(f"{argv[0]} timed out after {timeout:.0f} s") from exc
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise error(f"{argv[0]} failed: {last}")
+        raise error(f"{' '.join(argv[:2])} failed (exit {proc.returncode}): {last}")
     return proc.stdout.decode(errors="replace")

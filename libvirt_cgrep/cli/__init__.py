@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(exit_table=_exit_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-c", "--connect", metavar="URI", help="libvirt connection URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    p.add_argument(
+        "-c", "--connect", metavar="URI", help="libvirt connection URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system)"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress on stderr (-vv: debug)")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)

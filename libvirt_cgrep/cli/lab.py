@@ -28,31 +28,49 @@ def register(sub: Any) -> None:
     ls = lab.add_subparsers(dest="lab_verb", metavar="LABVERB")
     ls.required = True
 
-    b = ls.add_parser("build", help="build the lab guest (cached)", description=(
-        "Build the lab guest from Debian packages only: the cloud kernel, busybox-static and the "
-        "static C workload, packed into an initramfs. Skipped when the inputs are unchanged."))
+    b = ls.add_parser(
+        "build",
+        help="build the lab guest (cached)",
+        description=(
+            "Build the lab guest from Debian packages only: the cloud kernel, busybox-static and the "
+            "static C workload, packed into an initramfs. Skipped when the inputs are unchanged."
+        ),
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when the cache is current")
     b.add_argument("--cache-dir", type=Path, help="build cache (default $CGREP_LAB_CACHE or /var/cache/libvirt-cgrep/lab)")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_build)
 
-    u = ls.add_parser("up", help="define and start a lab domain", description=(
-        "Define a persistent TCG libvirt domain NAME with N qcow2 data disks (vda, vdb, ...) and start "
-        "the workload. Returns once the workload acknowledged its first record. On failure nothing is left behind."))
+    u = ls.add_parser(
+        "up",
+        help="define and start a lab domain",
+        description=(
+            "Define a persistent TCG libvirt domain NAME with N qcow2 data disks (vda, vdb, ...) and start "
+            "the workload. Returns once the workload acknowledged its first record. On failure nothing is left behind."
+        ),
+    )
     u.add_argument("name", metavar="NAME")
     u.add_argument("--disks", default="2", help="number of data disks, 1-16 (default 2)")
     u.add_argument("--size", default="64M", help="size of each data disk, e.g. 64M or 1G (default 64M)")
-    u.add_argument("--mode", choices=("write", "scan", "idle"), default="write",
-                   help="workload mode: write the chain (default), scan the disks read-only, or idle")
+    u.add_argument(
+        "--mode",
+        choices=("write", "scan", "idle"),
+        default="write",
+        help="workload mode: write the chain (default), scan the disks read-only, or idle",
+    )
     u.add_argument("--rate", default="0", help="records per second, 0 = as fast as possible (default 0)")
     u.add_argument("--bs", default="4096", help="record size in bytes, a multiple of 4096 up to 1 MiB (default 4096)")
     u.add_argument("--no-wait", action="store_true", help="return once started, without waiting for the first record")
     u.add_argument("--json", action="store_true", help="machine-readable output")
     u.set_defaults(func=cmd_up)
 
-    d = ls.add_parser("down", help="destroy a lab domain and remove its files", description=(
-        "Destroy (power off) the lab domain NAME, undefine it and remove its directory. Refuses "
-        "domains without lab metadata."))
+    d = ls.add_parser(
+        "down",
+        help="destroy a lab domain and remove its files",
+        description=(
+            "Destroy (power off) the lab domain NAME, undefine it and remove its directory. Refuses domains without lab metadata."
+        ),
+    )
     d.add_argument("name", metavar="NAME")
     d.set_defaults(func=cmd_down)
 
@@ -60,17 +78,25 @@ def register(sub: Any) -> None:
     li.add_argument("--json", action="store_true", help="machine-readable output")
     li.set_defaults(func=cmd_list)
 
-    s = ls.add_parser("status", help="show a lab domain's progress", description=(
-        "Show a lab domain's state and the last record its workload acknowledged (read from its console log)."))
+    s = ls.add_parser(
+        "status",
+        help="show a lab domain's progress",
+        description=("Show a lab domain's state and the last record its workload acknowledged (read from its console log)."),
+    )
     s.add_argument("name", metavar="NAME")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
 
-    c = ls.add_parser("check", help="check images for write-order consistency", description=(
-        "Read the images (qcow2 with backing chains, or raw) through qemu-img -U, never writing or "
-        "locking them, and check that the records across all of them are exactly {0..max} with valid "
-        "checksums. Exit 0: consistent. Exit 1: a hole or a bad record (the first hole is printed). "
-        "Exit 2: the images could not be read."))
+    c = ls.add_parser(
+        "check",
+        help="check images for write-order consistency",
+        description=(
+            "Read the images (qcow2 with backing chains, or raw) through qemu-img -U, never writing or "
+            "locking them, and check that the records across all of them are exactly {0..max} with valid "
+            "checksums. Exit 0: consistent. Exit 1: a hole or a bad record (the first hole is printed). "
+            "Exit 2: the images could not be read."
+        ),
+    )
     c.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
     c.add_argument("--domain", metavar="NAME", help="check the images named by the domain's persistent definition")
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -85,8 +111,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"lab build: {msg}", file=sys.stderr)
 
     art = build_guest(args.cache_dir, force=args.force, log=log)
-    data = {"kernel": str(art.kernel), "initrd": str(art.initrd), "kernel_version": art.kernel_version,
-            "stamp": art.stamp, "rebuilt": art.rebuilt}
+    data = {
+        "kernel": str(art.kernel),
+        "initrd": str(art.initrd),
+        "kernel_version": art.kernel_version,
+        "stamp": art.stamp,
+        "rebuilt": art.rebuilt,
+    }
     if args.json:
         emit_json(data)
     else:
@@ -108,9 +139,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     if size < bs * disks:
         raise UsageError(f"disk size {format_size(size)} is too small for {bs}-byte records")
     conn = lv.connect(args.connect)
-    art = build_guest()
-    spec = domain.LabSpec(name=name, disks=disks, size=size, kernel=art.kernel, initrd=art.initrd,
-                          directory=domain.lab_root() / name, mode=args.mode, rate=rate, bs=bs)
+    art = build_guest(offline=True)
+    spec = domain.LabSpec(
+        name=name,
+        disks=disks,
+        size=size,
+        kernel=art.kernel,
+        initrd=art.initrd,
+        directory=domain.lab_root() / name,
+        mode=args.mode,
+        rate=rate,
+        bs=bs,
+    )
     dom = domain.up(conn, spec, wait=not args.no_wait)
     if args.json:
         emit_json(dom.as_dict())
@@ -128,8 +168,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COLUMNS = [("name", "NAME"), ("state", "STATE"), ("disks", "DISKS"), ("size_h", "SIZE"), ("mode", "MODE"),
-            ("last_ack", "LAST ACK")]
+_COLUMNS = [
+    ("name", "NAME"),
+    ("state", "STATE"),
+    ("disks", "DISKS"),
+    ("size_h", "SIZE"),
+    ("mode", "MODE"),
+    ("last_ack", "LAST ACK"),
+]
 
 
 def _rows(doms: Any) -> list[dict[str, object]]:
@@ -174,8 +220,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({**verdict.as_dict(), "images": [str(p) for p in images]})
     elif verdict.consistent:
-        print(f"consistent: records {verdict.window[0] if verdict.window else 0}..{verdict.max} all present "
-              f"({verdict.count} records in {len(images)} images)")
+        print(
+            f"consistent: records {verdict.window[0] if verdict.window else 0}..{verdict.max} all present "
+            f"({verdict.count} records in {len(images)} images)"
+        )
     if not verdict.consistent:
         detail = f"first hole at record {verdict.first_hole}" if verdict.first_hole is not None else "bad records"
         raise InconsistentError(

@@ -27,13 +27,16 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from libvirt_cgrep.adapters import proc
+from libvirt_cgrep.adapters.fs import save_file
+from libvirt_cgrep.errors import LabBuildError
 
 __all__ = [
     "BUILD_VERSION",
@@ -79,10 +82,6 @@ _EXEC_MODE = 0o755
 _KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(\d\S*-cloud-amd64)$")
 
 
-class LabBuildError(Exception):
-    """The lab guest could not be built (one-line message)."""
-
-
 @dataclass(frozen=True)
 class GuestArtifacts:
     """The outputs of :func:`build_guest`."""
@@ -117,9 +116,13 @@ def build_guest(
     cache_dir: Path | None = None,
     *,
     force: bool = False,
+    offline: bool = False,
     log: Callable[[str], None] = _noop_log,
 ) -> GuestArtifacts:
     """Build (or reuse) the lab guest kernel and initramfs.
+
+    ``offline`` reuses the debs already in the cache without asking apt for
+    newer versions (fast; what ``lab up`` does); ``virt-cgrep lab build`` asks.
 
     Raises LabBuildError when a tool is missing, a package cannot be found or
     downloaded, or a build step fails.
@@ -129,15 +132,15 @@ def build_guest(
     try:
         _ensure_dir(cache)
         with _locked(cache / LOCK_NAME):
-            return _build_locked(cache, force=force, log=log)
+            return _build_locked(cache, force=force, offline=offline, log=log)
     except OSError as exc:
         raise LabBuildError(_one_line(f"lab build failed: {exc}")) from exc
 
 
-def _build_locked(cache: Path, *, force: bool, log: Callable[[str], None]) -> GuestArtifacts:
+def _build_locked(cache: Path, *, force: bool, offline: bool, log: Callable[[str], None]) -> GuestArtifacts:
     debs_dir = cache / "debs"
     _ensure_dir(debs_dir)
-    kernel_deb, busybox_deb = _ensure_debs(debs_dir, log)
+    kernel_deb, busybox_deb = (_cached_debs(debs_dir) if offline else None) or _ensure_debs(debs_dir, log)
     kernel_version = _kernel_version_of(kernel_deb.package)
 
     stamp = _compute_stamp([kernel_deb.path, busybox_deb.path])
@@ -187,10 +190,9 @@ def _build_locked(cache: Path, *, force: bool, log: Callable[[str], None]) -> Gu
         cpio.add_file(f"lib/modules/{name}.ko", data, _FILE_MODE)
     image = gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
 
-    _write_atomic(kernel_out, vmlinuz.read_bytes())
-    _write_atomic(initrd_out, image)
-    _write_atomic(stamp_file, (stamp + "\n").encode())
-    _fsync_dir(cache)
+    save_file(kernel_out, vmlinuz.read_bytes(), _FILE_MODE)
+    save_file(initrd_out, image, _FILE_MODE)
+    save_file(stamp_file, (stamp + "\n").encode(), _FILE_MODE)
     shutil.rmtree(work, ignore_errors=True)
     log(
         f"built lab guest {kernel_version}: initrd {len(image)} bytes, {len(modules)} modules, {time.monotonic() - started:.1f} s"
@@ -480,18 +482,8 @@ def _pad4(n: int) -> bytes:
 
 
 def _run(argv: Sequence[str], *, cwd: Path | None = None) -> str:
-    """Run argv, return stdout; LabBuildError with stderr's last line on failure."""
-    env = dict(os.environ, LC_ALL="C", LANG="C")
-    try:
-        proc = subprocess.run(list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise LabBuildError(f"{argv[0]} not found: install it to build the lab guest") from exc
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        last = lines[-1] if lines else "(no error output)"
-        cmd = " ".join(argv[:2])
-        raise LabBuildError(_one_line(f"{cmd} failed (exit {proc.returncode}): {last}"))
-    return proc.stdout
+    """Run argv in the C locale; LabBuildError with stderr's last line on failure."""
+    return proc.run(argv, cwd=cwd, env=dict(os.environ, LC_ALL="C", LANG="C"), error=LabBuildError)
 
 
 def _one_line(message: str) -> str:
@@ -517,28 +509,6 @@ def _ensure_dir(path: Path) -> None:
         raise LabBuildError(f"{path} is not a directory")
     if path.stat().st_uid == os.geteuid() and stat.S_IMODE(path.stat().st_mode) != _DIR_MODE:
         os.chmod(path, _DIR_MODE)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

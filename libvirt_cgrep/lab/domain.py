@@ -243,7 +243,9 @@ def up(conn: libvirt.virConnect, spec: LabSpec, *, wait: bool = True, timeout: f
     else:
         raise ConflictError(f"domain {spec.name!r} already exists")
     if spec.directory.exists():
-        raise ConflictError(f"lab directory {str(spec.directory)!r} already exists (left over? run 'virt-cgrep lab down {spec.name}')")
+        raise ConflictError(
+            f"lab directory {str(spec.directory)!r} already exists (left over? run 'virt-cgrep lab down {spec.name}')"
+        )
     dom: libvirt.virDomain | None = None
     try:
         spec.directory.mkdir(parents=True, mode=0o755)
