@@ -16,6 +16,9 @@ only the CLI entry point turns them into an exit status, through
      +-- LibvirtError          69   a libvirt call failed (cause wrapped)
      +-- CommandError          71   an external command failed (qemu-img, apt-get...)
      |    +-- LabBuildError    72   building the lab guest failed
+     +-- FenceError            73   a hold passed its deadline; the guardian resumed the guests
+     +-- CutError              74   the transaction failed; guests run on their old chains
+     +-- QMPError              75   a QMP command failed or timed out (cause wrapped)
      +-- CheckError                 the write-order checker
      |    +-- InconsistentError 1   holes or bad records: NOT a consistent cut
      |    +-- CannotCheckError  2   the images could not be read
@@ -70,6 +73,18 @@ class LabBuildError(CommandError):
     """Building the lab guest (kernel, initramfs, workload) failed."""
 
 
+class FenceError(CgrepError):
+    """A hold passed its deadline (or could not be armed); the guests were resumed."""
+
+
+class CutError(CgrepError):
+    """The consistency point's transaction failed; every guest is on its old chain."""
+
+
+class QMPError(CgrepError):
+    """A QMP command failed, timed out or lost its connection."""
+
+
 class CheckError(CgrepError):
     """Base for the write-order checker's two verdicts other than success."""
 
@@ -100,6 +115,9 @@ EXIT_CODES: dict[type[CgrepError], int] = {
     InternalError: 70,
     CommandError: 71,
     LabBuildError: 72,
+    FenceError: 73,
+    CutError: 74,
+    QMPError: 75,
     CheckError: 2,
     CgrepError: 70,
 }

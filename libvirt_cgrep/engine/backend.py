@@ -1,0 +1,54 @@
+"""The one interface every cut backend implements (libvirt domains, bare QEMU over QMP).
+
+Contract of :meth:`Backend.cut`: it issues exactly ONE QMP ``transaction`` in
+the guest's QEMU process covering every action of the plan's transaction.
+Either every disk moved onto its overlay, or none did and the guest runs on
+its old chain. Overlays are created by :meth:`prepare`, before and outside
+the cut (and the hold), and removed again by :meth:`discard` after a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from libvirt_cgrep.core.model import Guest, GuestCut, Transaction
+
+
+class Backend(Protocol):
+    """One QEMU process we can cut."""
+
+    #: ``libvirt`` or ``qmp``
+    kind: str
+
+    def discover(self) -> Guest:
+        """The guest, its state and its disks (supported or not, with reasons)."""
+        ...
+
+    def prepare(self, txn: Transaction) -> None:
+        """Create the overlays of ``txn`` (backing = the frozen image), outside any hold."""
+        ...
+
+    def cut(self, txn: Transaction) -> GuestCut:
+        """ONE transaction moving every disk of ``txn`` onto its overlay (CutError on failure)."""
+        ...
+
+    def discard(self, txn: Transaction) -> None:
+        """After a failed cut: remove what :meth:`prepare` made; the old chain stays active."""
+        ...
+
+    def pause(self) -> None:
+        """Stop the guest's vCPUs and I/O (libvirt suspend / QMP ``stop``)."""
+        ...
+
+    def resume(self) -> None:
+        """Resume the guest (libvirt resume / QMP ``cont``). Idempotent."""
+        ...
+
+    def guardian_spec(self) -> Sequence[str]:
+        """Arguments telling a guardian process how to resume this guest on its own."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...

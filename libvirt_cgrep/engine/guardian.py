@@ -1,0 +1,194 @@
+"""The guardian: a separate process that resumes held guests if the holder cannot.
+
+Guarantee: once armed, every guest it guards is resumed when the deadline
+passes or when its parent dies (SIGKILL included: the parent's end of the
+pipe closes), unless the parent said ``done`` first. It runs in its own
+session, so a signal to the parent's process group does not reach it.
+
+Protocol on its stdin/stdout (one word a line)::
+
+    guardian -> parent   ready          connected to every guest, waiting
+    parent -> guardian   armed          the hold starts now; the deadline runs
+    parent -> guardian   done           the parent resumed the guests itself
+    guardian -> parent   fired          the deadline passed; the guardian resumed them
+
+Guest specs: ``libvirt:URI:DOMAIN`` or ``qmp:SOCKET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from libvirt_cgrep.errors import FenceError, UsageError
+
+READY_TIMEOUT = 15.0
+
+
+def _libvirt_resumer(uri: str, name: str) -> Callable[[], None]:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    dom = conn.lookupByName(name)
+
+    def resume() -> None:
+        st, _ = dom.state()
+        if st == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+
+    return resume
+
+
+def _qmp_resumer(socket: str) -> Callable[[], None]:
+    from libvirt_cgrep.adapters.qmp import cont
+
+    return lambda: cont(socket)
+
+
+def _resumer(spec: str) -> Callable[[], None]:
+    kind, _, rest = spec.partition(":")
+    if kind == "libvirt":
+        uri, _, name = rest.rpartition(":")
+        return _libvirt_resumer(uri, name)
+    if kind == "qmp":
+        return _qmp_resumer(rest)
+    raise UsageError(f"guardian: bad guest spec {spec!r}")
+
+
+def _resume_all(resumers: Sequence[Callable[[], None]]) -> None:
+    for r in resumers:
+        with contextlib.suppress(Exception):
+            r()
+
+
+def serve(specs: Sequence[str], deadline_ms: float, stdin: int, out: Callable[[str], None]) -> int:
+    """The guardian's loop; returns its exit status (0 released, 3 fired, 4 parent died)."""
+    resumers = [_resumer(s) for s in specs]
+    out("ready")
+    buf = b""
+    deadline: float | None = None
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([stdin], [], [], timeout)
+        if not ready:
+            _resume_all(resumers)
+            out("fired")
+            return 3
+        chunk = os.read(stdin, 64)
+        if not chunk:
+            _resume_all(resumers)
+            return 4
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            word = line.strip().decode()
+            if word == "armed" and deadline is None:
+                deadline = time.monotonic() + deadline_ms / 1000.0
+            elif word == "done":
+                return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="virt-cgrep-guardian")
+    p.add_argument("--deadline-ms", type=float, required=True)
+    p.add_argument("specs", nargs="+")
+    args = p.parse_args(argv)
+
+    def out(word: str) -> None:
+        sys.stdout.write(word + "\n")
+        sys.stdout.flush()
+
+    try:
+        return serve(args.specs, args.deadline_ms, sys.stdin.fileno(), out)
+    except Exception as exc:
+        sys.stderr.write(f"guardian: {exc}\n")
+        return 2
+
+
+class Guardian:
+    """Parent side: start the guardian before the hold, ``arm()`` at its start, ``release()`` at its end."""
+
+    def __init__(self, specs: Sequence[str], deadline_ms: float) -> None:
+        self.specs = list(specs)
+        self.deadline_ms = deadline_ms
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.fired = False
+
+    def __enter__(self) -> Guardian:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "libvirt_cgrep.cli.guardian", "--deadline-ms", str(self.deadline_ms), *self.specs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT)
+        line = self.proc.stdout.readline().strip() if ready else b""
+        if line != b"ready":
+            self._kill()
+            err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+            raise FenceError(f"the guardian did not start: {err.splitlines()[-1] if err else 'no answer'}; nothing was held")
+        return self
+
+    def _send(self, word: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(word.encode() + b"\n")
+            self.proc.stdin.flush()
+
+    def arm(self) -> None:
+        """The hold starts now."""
+        self._send("armed")
+
+    def release(self) -> bool:
+        """The parent resumed the guests; returns True if the guardian had already fired."""
+        self._send("done")
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        out = self.proc.stdout.read()
+        self.fired = b"fired" in out
+        return self.fired
+
+    def abandon(self) -> bool:
+        """Hand the guests to the guardian: it resumes every one of them now."""
+        assert self.proc is not None
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        return True
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # An exception inside the hold: closing stdin makes the guardian resume everything.
+            if self.proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        for f in (self.proc.stdout, self.proc.stderr) if self.proc else ():
+            if f is not None:
+                f.close()
+
