@@ -112,11 +112,6 @@ class QMPConnection:
         """Run one command and return its ``return`` value."""
         return self._run(self.client.execute(cmd, args), timeout, cmd)
 
-    def reconnect(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Drop the session (if any) and open a new one to the same socket."""
-        self._disconnect()
-        self._connect(timeout)
-
     def run_job(self, create_args: Mapping[str, object], timeout: float = 30.0) -> None:
         """Run one ``blockdev-create`` job to its end, then ``job-dismiss`` it.
 
@@ -138,16 +133,24 @@ class QMPConnection:
                 if isinstance(data, dict) and data.get("status") == "concluded":
                     return
 
+        def abandon() -> None:
+            """Best effort after a timeout or lost answer: cancel and dismiss the job if it exists."""
+            with contextlib.suppress(QMPError):
+                self.execute("job-cancel", {"id": job_id}, timeout=2.0)
+            with contextlib.suppress(QMPError):
+                self._run(wait_concluded(listener), 2.0, f"cancelling job {job_id}")
+            with contextlib.suppress(QMPError):
+                self.execute("job-dismiss", {"id": job_id}, timeout=2.0)
+
         listener = EventListener(names=("JOB_STATUS_CHANGE",), event_filter=ours)
         with client.listen(listener):
-            self.execute("blockdev-create", create_args, timeout=min(timeout, 10.0))
             try:
+                self.execute("blockdev-create", create_args, timeout=min(timeout, 10.0))
                 self._run(wait_concluded(listener), timeout, f"blockdev-create job {job_id}")
+            except QMPCommandError:
+                raise  # refused: no job of ours exists (the id may be someone else's)
             except QMPError:
-                with contextlib.suppress(QMPError):
-                    self.execute("job-cancel", {"id": job_id}, timeout=2.0)
-                    self._run(wait_concluded(listener), 2.0, f"cancelling job {job_id}")
-                    self.execute("job-dismiss", {"id": job_id}, timeout=2.0)
+                abandon()
                 raise
         error: str | None = None
         for job in self.execute("query-jobs"):

@@ -29,6 +29,10 @@ EPILOG = """\
 verbs:
   point DOMAIN...         take a write-order-consistent point: one transaction per domain
   chain DOMAIN            show each disk's backing chain and whether it can be protected
+  sync DOMAIN... --target T   one cycle: cut, ship changed clusters, commit atomically, fold, prune
+  points T                list the committed recovery points on a target
+  verify T                re-check checksums and chains (--write-order: the lab checker)
+  receive PATH            the replica side of a stream (run by sync, locally or over ssh)
   lab build               build the lab guest (kernel, busybox initramfs, workload)
   lab up NAME             define and start a lab domain with N data disks
   lab down NAME           destroy a lab domain and remove its files
@@ -104,7 +108,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import engine, lab
+    from libvirt_cgrep.cli import engine, lab, replica
 
     p = _Parser(
         prog=PROG,
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_version)
 
     engine.register(sub)
+    replica.register(sub)
     lab.register(sub)
     return p
 

@@ -6,11 +6,21 @@ The chain changes only through ``virDomainSnapshotCreateXML(DISK_ONLY | ATOMIC
 live and the persistent definitions name the new overlays. Overlays are
 created beforehand with ``qemu-img create -b FROZEN -F qcow2`` (outside any
 hold). Never a chain change through the monitor passthrough.
+
+With ``preown`` (the default) each overlay is handed to QEMU's user and group
+(``user``/``group`` of ``qemu.conf``, else ``libvirt-qemu``) when it is
+created, and the snapshot XML tells libvirt's DAC driver not to relabel it
+(``<seclabel model='dac' relabel='no'/>``): libvirt then skips the ownership
+change and its remembered-owner bookkeeping for the new image inside the hold.
+The overlays keep that owner after the domain stops.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,9 +93,15 @@ def disks_of(xml: str) -> tuple[Disk, ...]:
     return tuple(out)
 
 
-def snapshot_xml(txn: Transaction, all_targets: Sequence[str]) -> str:
-    """The ``<domainsnapshot>`` for one atomic cut of ``txn`` (other disks: ``snapshot='no'``). Pure."""
+def snapshot_xml(txn: Transaction, all_targets: Sequence[str], *, relabel: bool = True) -> str:
+    """The ``<domainsnapshot>`` for one atomic cut of ``txn`` (other disks: ``snapshot='no'``). Pure.
+
+    ``relabel=False`` adds ``<seclabel model='dac' relabel='no'/>`` to each new
+    source: libvirt then leaves the overlay's ownership alone (it must already
+    belong to QEMU's user).
+    """
     chosen = {a.target: a for a in txn.actions}
+    seclabel = "" if relabel else "<seclabel model='dac' relabel='no'/>"
     parts = []
     for t in all_targets:
         a = chosen.get(t)
@@ -93,21 +109,67 @@ def snapshot_xml(txn: Transaction, all_targets: Sequence[str]) -> str:
             parts.append(f"<disk name='{t}' snapshot='no'/>")
         else:
             parts.append(
-                f"<disk name='{t}' snapshot='external' type='file'><driver type='qcow2'/><source file={quoteattr(a.overlay)}/></disk>"
+                f"<disk name='{t}' snapshot='external' type='file'><driver type='qcow2'/>"
+                f"<source file={quoteattr(a.overlay)}>{seclabel}</source></disk>"
             )
     return f"<domainsnapshot><description>virt-cgrep point</description><disks>{''.join(parts)}</disks></domainsnapshot>"
 
 
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+#: Debian's build default for ``user`` and ``group`` in qemu.conf.
+DEFAULT_QEMU_USER = "libvirt-qemu"
+_CONF_LINE = re.compile(r'^\s*(user|group)\s*=\s*"([^"]*)"', re.MULTILINE)
+
+
+def parse_qemu_owner(text: str) -> tuple[str, str]:
+    """The ``user`` and ``group`` QEMU runs as, from qemu.conf text (defaults: ``libvirt-qemu``). Pure."""
+    found = dict(_CONF_LINE.findall(text))
+    return found.get("user", DEFAULT_QEMU_USER), found.get("group", DEFAULT_QEMU_USER)
+
+
+def _resolve(value: str, *, group: bool) -> int:
+    """A qemu.conf user/group value (``name``, ``+N``, ``N``) as a numeric id; KeyError if unknown."""
+    if value.startswith("+") and value[1:].isdigit():
+        return int(value[1:])
+    try:
+        return grp.getgrnam(value).gr_gid if group else pwd.getpwnam(value).pw_uid
+    except KeyError:
+        if value.isdigit():
+            return int(value)
+        raise
+
+
+def qemu_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
+    """The uid and gid libvirt runs QEMU as on this host, or None if they cannot be resolved."""
+    try:
+        text = Path(conf).read_text()
+    except OSError:
+        text = ""
+    user, group = parse_qemu_owner(text)
+    try:
+        return _resolve(user, group=False), _resolve(group, group=True)
+    except KeyError:
+        return None
+
+
 class LibvirtBackend:
-    """One libvirt domain, reached over a libvirt connection."""
+    """One libvirt domain, reached over a libvirt connection.
+
+    ``preown`` (default on): overlays are created owned by QEMU's user and the
+    snapshot asks libvirt not to relabel them, which shortens the hold (see
+    docs/operations-hold.md). It falls back to plain relabeling when QEMU's
+    user cannot be resolved on this host.
+    """
 
     kind = "libvirt"
 
-    def __init__(self, conn: libvirt.virConnect, name: str, uri: str) -> None:
+    def __init__(self, conn: libvirt.virConnect, name: str, uri: str, *, preown: bool = True) -> None:
         self.conn = conn
         self.name = name
         self.uri = uri
         self.dom = lv.lookup(conn, name)
+        self.owner = qemu_owner() if preown else None
+        self.preown = self.owner is not None
 
     def discover(self) -> Guest:
         xml = lv.live_xml(self.dom) if self.dom.isActive() else lv.persistent_xml(self.dom)
@@ -128,19 +190,22 @@ class LibvirtBackend:
                     raise CutError(f"{self.name}: overlay {a.overlay} already exists")
                 run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", a.frozen, a.overlay], timeout=30)
                 made.append(a.overlay)
-        except CgrepError as exc:
+                if self.owner is not None:
+                    os.chown(a.overlay, *self.owner)
+        except (CgrepError, OSError) as exc:
             for p in made:
                 Path(p).unlink(missing_ok=True)
             raise CutError(f"{self.name}: cannot create overlays: {exc}") from exc
 
     def cut(self, txn: Transaction) -> GuestCut:
         all_targets = [d.target for d in disks_of(lv.live_xml(self.dom))]
-        xml = snapshot_xml(txn, all_targets)
+        xml = snapshot_xml(txn, all_targets, relabel=not self.preown)
         t0 = time.monotonic()
         try:
             self.dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS)
         except libvirt.libvirtError as exc:
-            raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {lv.translate(exc, 'snapshot')}") from exc
+            why = lv.translate(exc, "snapshot")
+            raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {why}") from exc
         cut_ms = (time.monotonic() - t0) * 1000.0
         live = {d.target: d for d in disks_of(lv.live_xml(self.dom))}
         persistent = {d.target: d for d in disks_of(lv.persistent_xml(self.dom))}

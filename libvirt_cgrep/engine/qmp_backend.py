@@ -199,10 +199,10 @@ class QMPBackend:
         except CgrepError as exc:
             note = ""
             try:
-                self._remove(txn.actions)
+                self._remove(txn.guest, txn.actions)
             except CgrepError as cleanup:
                 note = f" (cleanup incomplete: {cleanup})"
-            raise CutError(f"{self.name}: cannot create overlays, disks stay on their old chain: {exc}{note}") from exc
+            raise CutError(f"{txn.guest}: cannot create overlays, disks stay on their old chain: {exc}{note}") from exc
 
     def _check_plan(self, txn: Transaction) -> None:
         if not txn.actions:
@@ -233,8 +233,7 @@ class QMPBackend:
             {"job-id": f"cgrep-cf-{a.overlay_node}", "options": {"driver": "file", "filename": a.overlay, "size": 0}},
             timeout=self.timeout,
         )
-        self._x("blockdev-add", {"driver": "file", "node-name": fnode, "filename": a.overlay, **common})
-        made.file_node = fnode
+        self._add(made, "file_node", {"driver": "file", "node-name": fnode, "filename": a.overlay, **common})
         self.qmp.run_job(
             {
                 "job-id": f"cgrep-cq-{a.overlay_node}",
@@ -242,8 +241,18 @@ class QMPBackend:
             },
             timeout=self.timeout,
         )
-        self._x("blockdev-add", {"driver": "qcow2", "node-name": a.overlay_node, "file": fnode, "backing": None, **common})
-        made.overlay_node = a.overlay_node
+        self._add(
+            made, "overlay_node", {"driver": "qcow2", "node-name": a.overlay_node, "file": fnode, "backing": None, **common}
+        )
+
+    def _add(self, made: _Made, slot: str, args: dict[str, object]) -> None:
+        """``blockdev-add``, recorded in ``made`` first: after an unanswered add, removal checks whether it exists."""
+        setattr(made, slot, args["node-name"])
+        try:
+            self._x("blockdev-add", args)
+        except QMPCommandError:
+            setattr(made, slot, None)  # refused: nothing was added
+            raise
 
     def cut(self, txn: Transaction) -> GuestCut:
         """ONE ``transaction`` of ``blockdev-snapshot`` actions; CutError (old chains active) on failure.
@@ -257,16 +266,16 @@ class QMPBackend:
             self.qmp.execute("transaction", {"actions": actions}, timeout=self.timeout)
         except QMPCommandError as exc:
             self._require_old_tops(txn, exc)
-            raise CutError(f"{self.name}: the transaction failed, disks stay on their old chain: {exc}") from exc
+            raise CutError(f"{txn.guest}: the transaction failed, disks stay on their old chain: {exc}") from exc
         except QMPOutcomeUnknown as exc:
             cut_ms = (time.monotonic() - t0) * 1000.0
             if not self._moved_after_unknown(txn, exc):
-                raise CutError(f"{self.name}: the transaction did not take effect, disks stay on their old chain: {exc}") from exc
+                raise CutError(f"{txn.guest}: the transaction did not take effect, disks stay on their old chain: {exc}") from exc
         else:
             cut_ms = (time.monotonic() - t0) * 1000.0
         for a in txn.actions:
             self._made.pop(a.overlay_node, None)  # live now: never removed by discard
-        return GuestCut(self.name, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
+        return GuestCut(txn.guest, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
 
     def _require_old_tops(self, txn: Transaction, cause: QMPError) -> None:
         """After a refused transaction, confirm every disk is still on its old top."""
@@ -276,30 +285,30 @@ class QMPBackend:
             return  # the transaction was refused; QEMU's abort restored every action
         moved = [a.target for a in txn.actions if tops.get(a.target) != a.node]
         if moved:
-            raise StateError(f"{self.name}: transaction failed ({cause}) but {', '.join(moved)} left its old top") from cause
+            raise StateError(f"{txn.guest}: transaction failed ({cause}) but {', '.join(moved)} left its old top") from cause
 
     def _moved_after_unknown(self, txn: Transaction, cause: QMPError) -> bool:
         """Decide from ``query-block`` whether a transaction with no answer took effect (True) or not."""
         try:
             tops = self._tops()
         except QMPError:
+            self.close()  # the session is unusable: query over a new one
             try:
-                self.qmp.reconnect(timeout=min(self.timeout, 5.0))
                 tops = self._tops()
             except QMPError as exc:
-                raise QMPError(f"{self.name}: transaction outcome unknown ({cause}) and QEMU cannot be queried: {exc}") from exc
+                raise QMPError(f"{txn.guest}: transaction outcome unknown ({cause}) and QEMU cannot be queried: {exc}") from exc
         now = [tops.get(a.target) for a in txn.actions]
         if all(n == a.overlay_node for n, a in zip(now, txn.actions, strict=True)):
             return True
         if all(n == a.node for n, a in zip(now, txn.actions, strict=True)):
             return False
-        raise StateError(f"{self.name}: after an unanswered transaction ({cause}) the disks are on mixed tops: {now}")
+        raise StateError(f"{txn.guest}: after an unanswered transaction ({cause}) the disks are on mixed tops: {now}")
 
     def discard(self, txn: Transaction) -> None:
         """Remove the overlay nodes and files :meth:`prepare` made for ``txn``, unless a disk uses them."""
-        self._remove(txn.actions)
+        self._remove(txn.guest, txn.actions)
 
-    def _remove(self, actions: Sequence[SnapshotAction]) -> None:
+    def _remove(self, guest: str, actions: Sequence[SnapshotAction]) -> None:
         """Best effort: remove what prepare made for ``actions``; QMPError/StateError lists what stayed."""
         mine = [(a, self._made[a.overlay_node]) for a in reversed(actions) if a.overlay_node in self._made]
         if not mine:
@@ -327,9 +336,9 @@ class QMPBackend:
                     failed.append(f"{made.file}: {exc.strerror}")
             del self._made[a.overlay_node]
         if busy:
-            raise StateError(f"{self.name}: not removing overlays in use by {', '.join(busy)} (the cut took effect)")
+            raise StateError(f"{guest}: not removing overlays in use by {', '.join(busy)} (the cut took effect)")
         if failed:
-            raise QMPError(f"{self.name}: could not remove {'; '.join(failed)}")
+            raise QMPError(f"{guest}: could not remove {'; '.join(failed)}")
 
     def pause(self) -> None:
         """``stop``: vCPUs paused, I/O drained and flushed."""

@@ -1,0 +1,423 @@
+"""Benchmark one consistency point against plain libvirt, side by side.
+
+Run as ``.venv/bin/python bench/point.py [--disks 2,4,8] [--trials 20] [--out FILE] [--levers]``
+(root, libvirtd running). See bench/README.md for what each column means.
+
+For each disk count a lab domain (``bench-...``) runs the dependent-write
+workload; every trial runs each method once, round-robin with a rotating
+start so drift hits all methods equally. Around each method the guest's
+per-interval ``lat_max_us`` is read from the console log: the quiet window
+(~1 s before) and the cut window (from just before the call to ~300 ms after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    URI,
+    Window,
+    fmt,
+    lab_domain,
+    log_offset,
+    median,
+    percentile,
+    private_libvirtd,
+    ratio,
+    wait_progress,
+)
+from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.engine.libvirt_backend import SNAPSHOT_FLAGS, LibvirtBackend, disks_of, qemu_owner
+from libvirt_cgrep.engine.point import take_point
+from libvirt_cgrep.lab import domain as labdom
+
+ATOMIC_FLAGS = (
+    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+)
+
+BASE_METHODS = ("virsh", "libvirt-atomic", "bare-hold", "point-none", "point-suspend")
+LEVER_METHODS = ("bare-hold-preown", "point-suspend-plain", "point-suspend-preown")
+#: Methods measured under each private-daemon configuration (lever b/c).
+DAEMON_METHODS = ("bare-hold", "bare-hold-preown", "point-suspend-plain", "point-suspend-preown")
+#: qemu.conf overrides measured with a private libvirtd; "control" has none (same daemon setup, stock config).
+DAEMON_CONFIGS: dict[str, dict[str, str]] = {
+    "control": {},
+    "namespaces-off": {"namespaces": "[]"},
+    "remember-owner-off": {"remember_owner": "0"},
+    "both-off": {"namespaces": "[]", "remember_owner": "0"},
+}
+
+
+@dataclass
+class Measured:
+    wall_ms: float
+    hold_ms: float | None = None
+    cut_ms: float | None = None
+
+
+@dataclass
+class Sample:
+    method: str
+    trial: int
+    wall_ms: float
+    hold_ms: float | None
+    cut_ms: float | None
+    quiet_lat_ms: float | None
+    cut_lat_ms: float | None
+
+    @property
+    def extra_lat_ms(self) -> float | None:
+        if self.quiet_lat_ms is None or self.cut_lat_ms is None:
+            return None
+        return self.cut_lat_ms - self.quiet_lat_ms
+
+
+@dataclass
+class Ctx:
+    conn: libvirt.virConnect
+    uri: str
+    vm: labdom.LabDomain
+    dom: libvirt.virDomain
+    owner: tuple[int, int] | None
+    seq: int = 0
+
+    @property
+    def log(self) -> Path:
+        return self.vm.directory / "console.log"
+
+    def tops(self) -> dict[str, str]:
+        return {d.target: d.image for d in disks_of(lv.live_xml(self.dom))}
+
+    def depth(self) -> int:
+        return max((len(d.chain) for d in disks_of(lv.live_xml(self.dom))), default=0)
+
+    def overlays(self, tag: str) -> dict[str, str]:
+        self.seq += 1
+        return {t: str(self.vm.directory / f"{t}.bench-{tag}{self.seq}.qcow2") for t in self.tops()}
+
+
+def bare_xml(overlays: Mapping[str, str], *, relabel: bool = True) -> str:
+    seclabel = "" if relabel else "<seclabel model='dac' relabel='no'/>"
+    disks = "".join(
+        f"<disk name='{t}' snapshot='external' type='file'><driver type='qcow2'/>"
+        f"<source file={quoteattr(p)}>{seclabel}</source></disk>"
+        for t, p in overlays.items()
+    )
+    return f"<domainsnapshot><disks>{disks}</disks></domainsnapshot>"
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def m_virsh(ctx: Ctx) -> Measured:
+    ctx.seq += 1
+    argv = ["virsh", "-q", "-c", ctx.uri, "snapshot-create-as", ctx.vm.name, f"bv{ctx.seq}"]
+    argv += ["--disk-only", "--atomic", "--no-metadata"]
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return Measured(wall_ms=(time.perf_counter() - t0) * 1000.0)
+
+
+def m_libvirt_atomic(ctx: Ctx) -> Measured:
+    xml = bare_xml(ctx.overlays("a"))
+    t0 = time.perf_counter()
+    ctx.dom.snapshotCreateXML(xml, ATOMIC_FLAGS)
+    ms = (time.perf_counter() - t0) * 1000.0
+    return Measured(wall_ms=ms, cut_ms=ms)
+
+
+def bare_hold(*, preown: bool) -> Callable[[Ctx], Measured]:
+    def run(ctx: Ctx) -> Measured:
+        t_start = time.perf_counter()
+        tops = ctx.tops()
+        ovs = ctx.overlays("h")
+        for t, ov in ovs.items():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", tops[t], ov], check=True, timeout=30)
+            if preown and ctx.owner is not None:
+                os.chown(ov, *ctx.owner)
+        xml = bare_xml(ovs, relabel=not preown)
+        t0 = time.perf_counter()
+        ctx.dom.suspend()
+        try:
+            t1 = time.perf_counter()
+            ctx.dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS)
+            t2 = time.perf_counter()
+        finally:
+            ctx.dom.resume()
+        t3 = time.perf_counter()
+        return Measured(wall_ms=(t3 - t_start) * 1000.0, hold_ms=(t3 - t0) * 1000.0, cut_ms=(t2 - t1) * 1000.0)
+
+    return run
+
+
+def point(fence: str, preown: bool | None = None) -> Callable[[Ctx], Measured]:
+    def run(ctx: Ctx) -> Measured:
+        t0 = time.perf_counter()
+        kw = {} if preown is None else {"preown": preown}
+        backend = LibvirtBackend(ctx.conn, ctx.vm.name, ctx.uri, **kw)
+        res = take_point([backend], fence=fence)
+        wall = (time.perf_counter() - t0) * 1000.0
+        return Measured(wall_ms=wall, hold_ms=res.fence_ms, cut_ms=res.cut_ms)
+
+    return run
+
+
+METHODS: dict[str, Callable[[Ctx], Measured]] = {
+    "virsh": m_virsh,
+    "libvirt-atomic": m_libvirt_atomic,
+    "bare-hold": bare_hold(preown=False),
+    "point-none": point("none"),
+    "point-suspend": point("suspend"),
+    "bare-hold-preown": bare_hold(preown=True),
+    "point-suspend-plain": point("suspend", preown=False),
+    "point-suspend-preown": point("suspend", preown=True),
+}
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass
+class Timing:
+    settle_s: float = 0.2
+    quiet_s: float = 1.0
+    tail_s: float = 0.3
+
+
+def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
+    if lv.state(ctx.dom) != "running":
+        raise RuntimeError(f"{ctx.vm.name} is {lv.state(ctx.dom)} before {method} trial {trial}")
+    time.sleep(timing.settle_s)
+    w = Window(ctx.log)
+    w.q0 = log_offset(ctx.log)
+    time.sleep(timing.quiet_s)
+    w.q1 = log_offset(ctx.log)
+    m = METHODS[method](ctx)
+    time.sleep(timing.tail_s)
+    w.q2 = log_offset(ctx.log)
+    if lv.state(ctx.dom) != "running":
+        raise RuntimeError(f"{ctx.vm.name} is {lv.state(ctx.dom)} after {method} trial {trial}")
+    return Sample(method, trial, m.wall_ms, m.hold_ms, m.cut_ms, w.quiet_ms(), w.cut_ms())
+
+
+@dataclass
+class DiskRun:
+    disks: int
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    depth_end: int = 0
+
+
+def run_disks(conn: libvirt.virConnect, uri: str, disks: int, methods: Sequence[str], *, trials: int, timing: Timing) -> DiskRun:
+    out = DiskRun(disks, {m: [] for m in methods})
+    with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
+        ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
+        for t in range(trials):
+            k = t % len(methods)
+            for m in [*methods[k:], *methods[:k]]:
+                s = one_trial(ctx, m, t, timing)
+                out.samples[m].append(s)
+            wait_progress(ctx.log, records=5)
+            print(f"  {disks} disks: trial {t + 1}/{trials} done, chain depth {ctx.depth()}", file=sys.stderr, flush=True)
+        out.depth_end = ctx.depth()
+    return out
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _vals(samples: Sequence[Sample], key: str) -> list[float]:
+    out: list[float] = []
+    for s in samples:
+        v = s.extra_lat_ms if key == "extra_lat_ms" else getattr(s, key)
+        if v is not None:
+            out.append(float(v))
+    return out
+
+
+KEYS = ("wall_ms", "hold_ms", "cut_ms", "extra_lat_ms", "cut_lat_ms", "quiet_lat_ms")
+
+
+def summarize(samples: Sequence[Sample]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in KEYS:
+        xs = _vals(samples, k)
+        out[f"{k}_median"] = median(xs)
+        out[f"{k}_p90"] = percentile(xs, 90)
+    # drift over the run (chain depth grows by one overlay per disk per method per trial)
+    q = max(1, len(samples) // 4)
+    for k in ("hold_ms", "cut_ms", "wall_ms"):
+        first, last = _vals(samples[:q], k), _vals(samples[-q:], k)
+        m1, m2 = median(first), median(last)
+        out[f"{k}_drift"] = None if m1 is None or m2 is None else m2 - m1
+    return out
+
+
+def ratios(summ: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+    def get(m: str, k: str) -> float | None:
+        return summ.get(m, {}).get(k)
+
+    out: dict[str, float | None] = {
+        "point_none_extra_lat_over_libvirt_atomic": ratio(
+            get("point-none", "extra_lat_ms_median"), get("libvirt-atomic", "extra_lat_ms_median")
+        ),
+        "point_suspend_hold_over_bare_hold": ratio(get("point-suspend", "hold_ms_median"), get("bare-hold", "hold_ms_median")),
+    }
+    a, b = get("point-suspend", "hold_ms_median"), get("bare-hold", "hold_ms_median")
+    out["point_suspend_hold_minus_bare_ms"] = None if a is None or b is None else a - b
+    for m in ("bare-hold-preown", "point-suspend-plain", "point-suspend-preown"):
+        if m in summ:
+            out[f"{m}_hold_over_bare_hold"] = ratio(get(m, "hold_ms_median"), b)
+    return out
+
+
+COLS = (
+    ("wall", "wall_ms"),
+    ("hold", "hold_ms"),
+    ("cut", "cut_ms"),
+    ("extra lat", "extra_lat_ms"),
+)
+
+
+def table(results: Mapping[str, Mapping[str, Mapping[str, float | None]]], title: str) -> str:
+    head = "| disks | method | " + " | ".join(f"{c} med | {c} p90" for c, _ in COLS) + " | guest max lat cut/quiet |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (2 + 2 * len(COLS) + 1)]
+    for disks, per in results.items():
+        for m, s in per.items():
+            cells = [f"{fmt(s[f'{k}_median'])} | {fmt(s[f'{k}_p90'])}" for _, k in COLS]
+            lat = f"{fmt(s['cut_lat_ms_median'])} / {fmt(s['quiet_lat_ms_median'])}"
+            lines.append(f"| {disks} | {m} | " + " | ".join(cells) + f" | {lat} |")
+    lines += [
+        "",
+        "All times in ms, median and p90 over the trials. wall: the whole call as the caller sees it; hold: host-measured",
+        "suspend..resume; cut: the snapshot call itself; extra lat: guest max write latency in the ACK intervals covering",
+        "the call minus the quiet max over ~1 s before. Under TCG the guest clock stops while paused, so the latency the",
+        "guest sees under a suspend is NOT the hold (it misses the paused time); use the host-measured hold for suspends.",
+    ]
+    return "\n".join(lines)
+
+
+def ratio_lines(all_ratios: Mapping[str, Mapping[str, float | None]]) -> str:
+    lines = ["", "| disks | " + " | ".join(next(iter(all_ratios.values()), {}).keys()) + " |"]
+    lines.append("|" + "---|" * (1 + len(next(iter(all_ratios.values()), {}))))
+    for disks, r in all_ratios.items():
+        lines.append(f"| {disks} | " + " | ".join(fmt(v, 2) for v in r.values()) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class SetResult:
+    """One set of runs (one daemon): per disk count, per method."""
+
+    summary: dict[str, dict[str, dict[str, float | None]]]
+    ratios: dict[str, dict[str, float | None]]
+    chain_depth_end: dict[str, int]
+    samples: dict[str, list[dict[str, object]]]
+
+
+def run_set(uri: str, disks_list: Sequence[int], methods: Sequence[str], trials: int, timing: Timing) -> SetResult:
+    conn = lv.connect(uri)
+    res = SetResult({}, {}, {}, {})
+    try:
+        for d in disks_list:
+            print(f"{d} disks: methods {', '.join(methods)}", file=sys.stderr, flush=True)
+            dr = run_disks(conn, uri, d, methods, trials=trials, timing=timing)
+            key = str(d)
+            res.summary[key] = {m: summarize(ss) for m, ss in dr.samples.items()}
+            res.ratios[key] = ratios(res.summary[key])
+            res.samples[key] = [{**asdict(s), "extra_lat_ms": s.extra_lat_ms} for ss in dr.samples.values() for s in ss]
+            res.chain_depth_end[key] = dr.depth_end
+        return res
+    finally:
+        conn.close()
+
+
+def _versions() -> dict[str, str]:
+    def out(argv: list[str]) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout.strip().splitlines()[0]
+        return "?"
+
+    return {
+        "libvirt": out(["virsh", "--version"]),
+        "qemu": out(["qemu-system-x86_64", "--version"]),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--disks", default="2,4,8", help="comma-separated disk counts (default 2,4,8)")
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/point.json"))
+    ap.add_argument("--uri", default=URI)
+    ap.add_argument("--methods", default=",".join(BASE_METHODS), help="methods of the main run")
+    ap.add_argument(
+        "--levers", action="store_true", help="add the hold levers (preown variants, private-daemon qemu.conf variants)"
+    )
+    ap.add_argument("--daemon-disks", default=None, help="disk counts for the private-daemon levers (default: --disks)")
+    ap.add_argument("--daemon-configs", default=",".join(DAEMON_CONFIGS), help="private-daemon configurations to measure")
+    ap.add_argument("--no-main", action="store_true", help="skip the main run (only the private-daemon levers)")
+    ap.add_argument("--quiet-s", type=float, default=1.0)
+    ap.add_argument("--tail-s", type=float, default=0.3)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("run as root (lab domains on qemu:///system)")
+    disks_list = [int(x) for x in args.disks.split(",") if x]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods: {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if args.levers:
+        methods += [m for m in LEVER_METHODS if m not in methods]
+    timing = Timing(quiet_s=args.quiet_s, tail_s=args.tail_s)
+    host = _versions()
+    report: dict[str, object] = {"started_utc": datetime.now(UTC).isoformat(), "trials": args.trials, "timing": asdict(timing)}
+    texts: list[str] = []
+    if not args.no_main:
+        main_run = run_set(args.uri, disks_list, methods, args.trials, timing)
+        report["main"] = {"uri": args.uri, "methods": methods, **asdict(main_run)}
+        texts += [table(main_run.summary, f"point bench, {args.trials} trials, {args.uri}"), ratio_lines(main_run.ratios)]
+    if args.levers and args.daemon_configs:
+        ddisks = [int(x) for x in (args.daemon_disks or args.disks).split(",") if x]
+        daemons: dict[str, object] = {}
+        for cfg in [c for c in args.daemon_configs.split(",") if c]:
+            extra = DAEMON_CONFIGS[cfg]
+            print(f"private libvirtd '{cfg}': {extra or 'stock qemu.conf'}", file=sys.stderr, flush=True)
+            with private_libvirtd(extra) as uri:
+                res = run_set(uri, ddisks, DAEMON_METHODS, args.trials, timing)
+            daemons[cfg] = {"qemu_conf_extra": extra, **asdict(res)}
+            texts += [table(res.summary, f"private libvirtd '{cfg}' {extra or '(stock qemu.conf)'}"), ratio_lines(res.ratios)]
+        report["daemons"] = daemons
+    report["finished_utc"] = datetime.now(UTC).isoformat()
+    host["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    report["host"] = host
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print("\n\n".join(texts))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

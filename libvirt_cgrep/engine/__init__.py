@@ -1,0 +1,1 @@
+"""The engine: backends, the point (cut) pipeline, fences and the guardian, sync cycles."""

@@ -1,0 +1,263 @@
+"""One replication cycle: repair -> cut -> ship -> commit -> fold -> prune.
+
+Guarantees:
+
+- the new point is committed on the target (manifest durable) before any
+  primary overlay is folded, so a crash anywhere leaves either the previous
+  points only, or the new point too; never a partial one;
+- a cycle ships only the extents written since the newest committed point
+  (the frozen overlays above it); after an interrupted cycle the next one
+  ships the union of the unshipped overlays, with no full resync;
+- a full resync happens only for a new disk or a broken chain (the primary's
+  base is no longer in the disk's chain), and the result says so;
+- after a successful cycle each protected disk's chain is
+  ``active <- base`` (plus whatever was below the base before protection).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.extents import data_bytes
+from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.core.retention import Policy
+from libvirt_cgrep.engine.fold import fold, live_chain
+from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
+from libvirt_cgrep.engine.point import take_point
+from libvirt_cgrep.errors import UsageError
+from libvirt_cgrep.replica.link import Link, Target
+from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
+from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, chain_of, extents_of, ship_disk
+
+_OURS = re.compile(r"\.cgrep-[0-9a-z-]+\.qcow2$")
+#: Test-only fault injection: sleep this many ms after the commit, before folding.
+FAULT_BEFORE_FOLD_ENV = "CGREP_FAULT_BEFORE_FOLD_MS"
+
+
+@dataclass(frozen=True)
+class DiskSync:
+    domain: str
+    target: str
+    full: bool
+    reason: str | None
+    changed_bytes: int
+    bytes_shipped: int
+    chain_after: int
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    set_name: str
+    target: str
+    point_id: str
+    time_utc: str
+    parent: str | None
+    fence: str
+    fence_ms: float | None
+    cut_ms: float
+    ship_s: float
+    total_s: float
+    disks: tuple[DiskSync, ...]
+    pruned: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "set": self.set_name,
+            "target": self.target,
+            "point_id": self.point_id,
+            "time_utc": self.time_utc,
+            "parent": self.parent,
+            "fence": self.fence,
+            "fence_ms": None if self.fence_ms is None else round(self.fence_ms, 3),
+            "cut_ms": round(self.cut_ms, 3),
+            "ship_s": round(self.ship_s, 3),
+            "total_s": round(self.total_s, 3),
+            "bytes_shipped": sum(d.bytes_shipped for d in self.disks),
+            "changed_bytes": sum(d.changed_bytes for d in self.disks),
+            "disks": [
+                {
+                    "domain": d.domain,
+                    "target": d.target,
+                    "full": d.full,
+                    "resync_reason": d.reason,
+                    "changed_bytes": d.changed_bytes,
+                    "bytes_shipped": d.bytes_shipped,
+                    "primary_chain_length": d.chain_after,
+                }
+                for d in self.disks
+            ],
+            "pruned": list(self.pruned),
+        }
+
+
+def primary_base(chain: Sequence[str]) -> str:
+    """The image overlays fold into: the newest layer of the chain that is not one of our overlays."""
+    for image in chain:
+        if not _OURS.search(PurePosixPath(image).name):
+            return image
+    return chain[-1]
+
+
+def coverage(chain: Sequence[str], rec: mf.DiskRecord | None) -> tuple[int, bool, str, str | None]:
+    """(ship depth, full?, primary base, resync reason) for a frozen chain (frozen image first). Pure."""
+    if rec is None:
+        return len(chain), True, primary_base(chain), "first point of this disk"
+    if rec.primary_base not in chain:
+        return len(chain), True, primary_base(chain), f"chain broken: {rec.primary_base} is no longer in it"
+    if rec.source_image in chain:
+        return chain.index(rec.source_image), False, rec.primary_base, None
+    return chain.index(rec.primary_base), False, rec.primary_base, None
+
+
+def _repair(backend: LibvirtBackend, newest: mf.Manifest | None) -> None:
+    """Fold layers a crashed cycle committed but did not fold."""
+    if newest is None:
+        return
+    for rec in newest.disks:
+        if rec.domain != backend.name:
+            continue
+        try:
+            chain = live_chain(backend.dom, rec.target)
+        except Exception:
+            continue
+        if rec.source_image in chain[1:] and rec.primary_base in chain and chain.index(rec.primary_base) > chain.index(rec.source_image):
+            fold(backend.dom, rec.target, rec.primary_base, rec.source_image)
+
+
+def sync(
+    uri: str,
+    names: Sequence[str],
+    target: Target,
+    *,
+    set_name: str | None = None,
+    fence: str = "none",
+    deadline_ms: float = 2000.0,
+    disks: Sequence[str] | None = None,
+    policy: Policy | None = None,
+    compress: str | None = None,
+    bwlimit: int | None = None,
+    consistency: str = "crash",
+    progress: Callable[[str], Progress] = lambda label: lambda d, t: None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> SyncResult:
+    """Run one cycle for the named domains (one set on the target)."""
+    t_start = time.monotonic()
+    names = [validate_name(n, "domain name") for n in names]
+    if not names:
+        raise UsageError("name at least one domain")
+    if len(names) > 1 and not set_name:
+        raise UsageError("several domains form one set: name it with --set NAME")
+    set_name = validate_name(set_name or names[0], "set name")
+    conn = lv.connect(uri)
+    backends = [LibvirtBackend(conn, n, uri) for n in names]
+    for b in backends:
+        b.require_running()
+    link = Link(target)
+    try:
+        pts = link.request({"op": "points", "set": set_name})["points"]
+        newest = manifest_from_dict(pts[-1]) if pts else None
+        for b in backends:
+            _repair(b, newest)
+        point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
+        domains = tuple(
+            mf.DomainRecord(b.name, b.dom.UUIDString(), lv.persistent_xml(b.dom)) for b in backends
+        )
+        plans: list[tuple[DiskShipment, str, str | None]] = []
+        for g in point.guests:
+            for dc in g.disks:
+                chain = chain_of(dc.frozen_image)
+                rec = newest.disk(g.guest, dc.target) if newest else None
+                depth, full, base, reason = coverage(chain, rec)
+                size = qemu_img.chain(Path(dc.frozen_image))[0].virtual_size
+                plans.append((DiskShipment(g.guest, dc.target, chain, depth, full, size), base, reason))
+        parent = newest.point_id if newest else None
+        link.request(
+            {
+                "op": "begin",
+                "set": set_name,
+                "point_id": point.point_id,
+                "parent": parent,
+                "disks": [[s.domain, s.target, s.virtual_size, s.full] for s, _, _ in plans],
+            }
+        )
+        t_ship = time.monotonic()
+        limiter = RateLimit(bwlimit)
+        results: list[tuple[DiskShipment, int, int, str, str | None]] = []
+        for s, base, reason in plans:
+            extents = extents_of(s)
+            sent = ship_disk(link, s, extents, compress=compress, limiter=limiter, progress=progress(f"{s.domain}/{s.target}"))
+            results.append((s, data_bytes(extents), sent, base, reason))
+        ship_s = time.monotonic() - t_ship
+        manifest = mf.Manifest(
+            point_id=point.point_id,
+            time_utc=point.time_utc,
+            set_name=set_name,
+            group=set_name if len(names) > 1 else None,
+            parent=parent,
+            fence=fence,
+            consistency=consistency,
+            domains=domains,
+            disks=tuple(
+                mf.DiskRecord(s.domain, s.target, "", None, s.virtual_size, sent, "", s.chain[0], base)
+                for s, _, sent, base, _ in results
+            ),
+        )
+        link.request(
+            {
+                "op": "commit",
+                "manifest": manifest_to_dict(manifest),
+                "shipped": [[s.domain, s.target, sent] for s, _, sent, _, _ in results],
+            }
+        )
+        _fault_before_fold()
+        by_name = {b.name: b for b in backends}
+        disk_results = []
+        for s, changed, sent, base, reason in results:
+            dom = by_name[s.domain].dom
+            if s.chain[0] != base:
+                fold(dom, s.target, base, s.chain[0])
+            disk_results.append(
+                DiskSync(s.domain, s.target, s.full, reason, changed, sent, len(live_chain(dom, s.target)))
+            )
+        pruned: tuple[str, ...] = ()
+        if policy is not None:
+            reply = link.request(
+                {
+                    "op": "prune",
+                    "set": set_name,
+                    "policy": {"keep_last": policy.keep_last, "keep_hourly": policy.keep_hourly, "keep_daily": policy.keep_daily},
+                    "now": now().isoformat(),
+                }
+            )
+            pruned = tuple(reply["deleted"])
+    finally:
+        link.close()
+    return SyncResult(
+        set_name=set_name,
+        target=str(target),
+        point_id=point.point_id,
+        time_utc=point.time_utc,
+        parent=parent,
+        fence=fence,
+        fence_ms=point.fence_ms,
+        cut_ms=point.cut_ms,
+        ship_s=ship_s,
+        total_s=time.monotonic() - t_start,
+        disks=tuple(disk_results),
+        pruned=pruned,
+    )
+
+
+def _fault_before_fold() -> None:
+    ms = float(os.environ.get(FAULT_BEFORE_FOLD_ENV, "0") or 0)
+    if ms:
+        time.sleep(ms / 1000.0)

@@ -1,0 +1,1 @@
+"""Replica targets: the on-disk format, the stream protocol, the receiver and the sender."""

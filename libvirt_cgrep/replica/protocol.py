@@ -1,0 +1,116 @@
+"""The replication stream (version 1): framing shared by the sender and ``virt-cgrep receive``.
+
+Both sides first send the 12-byte header ``b"CGREPSTR" + u32 version``. Then
+every message is ``u32 length`` + a JSON object + ``n`` payload bytes (``n``
+from the object, default 0). Requests carry ``op``; replies carry ``ok`` and,
+on failure, ``error`` (one line) and ``kind`` (our error class name), so the
+sender re-raises the receiver's error with its exit code.
+
+Payloads of ``data`` messages may be compressed (``z``: ``zlib`` or ``zstd``;
+``raw``: the uncompressed length).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any, BinaryIO
+
+from libvirt_cgrep import errors
+from libvirt_cgrep.errors import CgrepError, CommandError, UsageError
+
+MAGIC = b"CGREPSTR"
+VERSION = 1
+_LEN = struct.Struct(">I")
+MAX_JSON = 64 << 20
+COMPRESSORS = ("zlib", "zstd")
+
+
+class StreamError(CommandError):
+    """The link to the receiver broke or spoke an unknown protocol."""
+
+
+def write_header(f: BinaryIO) -> None:
+    f.write(MAGIC + _LEN.pack(VERSION))
+    f.flush()
+
+
+def read_header(f: BinaryIO) -> int:
+    head = f.read(12)
+    if len(head) < 12:
+        raise StreamError("the receiver closed the link before its header (is virt-cgrep installed on the far side?)")
+    if head[:8] != MAGIC:
+        raise StreamError("the far side is not a virt-cgrep receiver (bad stream header)")
+    version: int = _LEN.unpack(head[8:])[0]
+    if version != VERSION:
+        raise StreamError(f"stream version {version} is not supported (this side speaks {VERSION})")
+    return version
+
+
+def send(f: BinaryIO, msg: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+    if payload:
+        msg = {**msg, "n": len(payload)}
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    f.write(_LEN.pack(len(body)) + body)
+    if payload:
+        f.write(payload)
+
+
+def recv(f: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    """The next message, or None at a clean end of stream."""
+    head = f.read(4)
+    if not head:
+        return None
+    if len(head) < 4:
+        raise StreamError("the link broke mid-message")
+    (n,) = _LEN.unpack(head)
+    if n > MAX_JSON:
+        raise StreamError("oversized message")
+    body = f.read(n)
+    if len(body) < n:
+        raise StreamError("the link broke mid-message")
+    msg = json.loads(body)
+    size = int(msg.get("n", 0))
+    payload = f.read(size) if size else b""
+    if len(payload) < size:
+        raise StreamError("the link broke mid-payload")
+    return msg, payload
+
+
+def error_reply(exc: CgrepError) -> dict[str, Any]:
+    return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
+
+
+def raise_reply(reply: dict[str, Any]) -> None:
+    """Re-raise a receiver's failure with its own error class (exit code)."""
+    if reply.get("ok"):
+        return
+    cls = getattr(errors, str(reply.get("kind")), None)
+    if not (isinstance(cls, type) and issubclass(cls, CgrepError)):
+        cls = StreamError
+    raise cls(f"receiver: {reply.get('error', 'unknown error')}")
+
+
+def compress(data: bytes, method: str | None) -> tuple[bytes, str | None]:
+    if method is None:
+        return data, None
+    if method == "zlib":
+        return zlib.compress(data, 1), "zlib"
+    if method == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3).compress(data), "zstd"
+    raise UsageError(f"unknown compression {method!r}: expected zlib or zstd")
+
+
+def decompress(data: bytes, method: str | None) -> bytes:
+    if method is None:
+        return data
+    if method == "zlib":
+        return zlib.decompress(data)
+    if method == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data)
+    raise StreamError(f"unknown compression {method!r}")

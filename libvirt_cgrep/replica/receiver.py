@@ -1,0 +1,191 @@
+"""``virt-cgrep receive PATH``: the replica side of the stream, on stdin/stdout.
+
+The receiver owns the target (it holds its lock for the whole session) and
+applies the commit rule of :mod:`libvirt_cgrep.replica.store`: a point
+becomes visible only when its manifest is durable. If the link breaks or
+anything fails mid-point, the staged images are discarded and nothing of
+that point remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from libvirt_cgrep.adapters import nbd, qemu_img
+from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.retention import Policy
+from libvirt_cgrep.errors import CgrepError, InternalError, StateError, UsageError
+from libvirt_cgrep.replica import protocol as proto
+from libvirt_cgrep.replica.store import StagedDisk, Store, sha256_file
+
+
+def manifest_to_dict(m: mf.Manifest) -> dict[str, Any]:
+    d: dict[str, Any] = json.loads(m.to_json())
+    return d
+
+
+def manifest_from_dict(d: dict[str, Any], *, committed: bool = True) -> mf.Manifest:
+    return mf.parse(json.dumps(d).encode(), committed=committed)
+
+
+def verify_point(store: Store, m: mf.Manifest, *, write_order: bool = False) -> dict[str, Any]:
+    """Re-check one committed point: files, checksums, chains inside the target, optionally write order."""
+    sdir = store.set_dir(m.set_name)
+    problems: list[str] = []
+    images: list[Path] = []
+    for d in m.disks:
+        img = sdir / d.image
+        images.append(img)
+        if not img.exists():
+            problems.append(f"{d.domain}/{d.target}: {d.image} is missing")
+            continue
+        if sha256_file(img) != d.sha256:
+            problems.append(f"{d.domain}/{d.target}: checksum mismatch of {d.image}")
+        try:
+            chain = qemu_img.chain(img)
+        except CgrepError as exc:
+            problems.append(f"{d.domain}/{d.target}: unreadable chain: {exc}")
+            continue
+        if (chain[0].backing and Path(chain[0].backing).name) != d.backing:
+            problems.append(f"{d.domain}/{d.target}: backing is {chain[0].backing}, manifest says {d.backing}")
+        for layer in chain:
+            if not Path(layer.path).resolve().is_relative_to(sdir.resolve()):
+                problems.append(f"{d.domain}/{d.target}: chain leaves the target: {layer.path}")
+    result: dict[str, Any] = {"point_id": m.point_id, "ok": not problems, "problems": problems}
+    if write_order and not problems:
+        from libvirt_cgrep.lab.check import check_images
+
+        verdict = check_images(images)
+        result["write_order"] = verdict.as_dict()
+        result["ok"] = verdict.consistent
+        if not verdict.consistent:
+            problems.append(f"write order broken: first hole at {verdict.first_hole}")
+    return result
+
+
+def point_listing(store: Store, m: mf.Manifest) -> dict[str, Any]:
+    sdir = store.set_dir(m.set_name)
+    return {
+        "id": m.point_id,
+        "set": m.set_name,
+        "time_utc": m.time_utc,
+        "parent": m.parent,
+        "fence": m.fence,
+        "consistency": m.consistency,
+        "domains": [d.name for d in m.domains],
+        "disks": [
+            {"domain": d.domain, "target": d.target, "image": str(sdir / d.image), "bytes_shipped": d.bytes_shipped}
+            for d in m.disks
+        ],
+    }
+
+
+class _Session:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.staged: list[StagedDisk] = []
+        self.set_name: str | None = None
+        self.writers: dict[tuple[str, str], nbd.NBDClient] = {}
+        self.stack = contextlib.ExitStack()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stack.close()
+        self.writers = {}
+        self.store.discard(self.staged)
+        self.staged = []
+
+    def handle(self, msg: dict[str, Any], payload: bytes) -> dict[str, Any] | None:
+        op = msg.get("op")
+        if op == "data":
+            w = self.writers[(msg["domain"], msg["target"])]
+            w.write(int(msg["offset"]), proto.decompress(payload, msg.get("z")))
+            return None
+        if op == "zero":
+            self.writers[(msg["domain"], msg["target"])].write_zeroes(int(msg["offset"]), int(msg["length"]))
+            return None
+        if op == "sets":
+            return {"ok": True, "sets": self.store.sets()}
+        if op == "points":
+            pts = self.store.points(msg["set"])
+            return {"ok": True, "points": [manifest_to_dict(m) for m in pts], "listing": [point_listing(self.store, m) for m in pts]}
+        if op == "begin":
+            if self.staged:
+                raise StateError("a point is already being received")
+            self.set_name = msg["set"]
+            parent = self.store.point(msg["set"], msg["parent"]) if msg.get("parent") else None
+            disks = [(str(d), str(t), int(s), bool(f)) for d, t, s, f in msg["disks"]]
+            self.staged = self.store.stage(msg["set"], msg["point_id"], parent, disks)
+            for s in self.staged:
+                self.writers[(s.domain, s.target)] = self.stack.enter_context(self.store.writer(s))
+            return {"ok": True, "staged": [[s.domain, s.target, s.backing] for s in self.staged]}
+        if op == "commit":
+            if not self.staged or self.set_name is None:
+                raise StateError("commit without a point")
+            self.stack.close()  # flush and close every image (qemu-nbd exits)
+            self.writers = {}
+            shipped = {(d, t): int(n) for d, t, n in msg["shipped"]}
+            final = self.store.commit(self.set_name, manifest_from_dict(msg["manifest"], committed=False), self.staged, shipped)
+            self.staged = []
+            return {"ok": True, "manifest": manifest_to_dict(final)}
+        if op == "abort":
+            self.abort()
+            return {"ok": True}
+        if op == "verify":
+            pts = self.store.points(msg["set"])
+            if msg.get("point"):
+                pts = [self.store.point(msg["set"], msg["point"])]
+            return {"ok": True, "results": [verify_point(self.store, m, write_order=bool(msg.get("write_order"))) for m in pts]}
+        if op == "prune":
+            pol = Policy(**msg["policy"])
+            now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
+            return {"ok": True, "deleted": self.store.prune(msg["set"], pol, now)}
+        raise UsageError(f"unknown request {op!r}")
+
+
+_READ_OPS = ("sets", "points", "verify")
+
+
+def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -> int:
+    """Run one receiver session; returns 0 on a clean end, 1 after a reported failure."""
+    proto.write_header(out)
+    proto.read_header(inp)
+    try:
+        store = Store.open(root, readonly=readonly)
+    except CgrepError as exc:
+        proto.send(out, proto.error_reply(exc))
+        out.flush()
+        return 1
+    session = _Session(store)
+    try:
+        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root)})
+        out.flush()
+        while True:
+            got = proto.recv(inp)
+            if got is None or got[0].get("op") == "bye":
+                return 0
+            if readonly and got[0].get("op") not in _READ_OPS:
+                raise UsageError(f"request {got[0].get('op')!r} on a read-only session")
+            reply = session.handle(*got)
+            if reply is not None:
+                proto.send(out, reply)
+                out.flush()
+    except CgrepError as exc:
+        session.abort()
+        with contextlib.suppress(OSError):
+            proto.send(out, proto.error_reply(exc))
+            out.flush()
+        return 1
+    except Exception as exc:
+        session.abort()
+        with contextlib.suppress(OSError):
+            proto.send(out, proto.error_reply(InternalError(f"{type(exc).__name__}: {exc}")))
+            out.flush()
+        return 1
+    finally:
+        session.abort()
+        store.close()

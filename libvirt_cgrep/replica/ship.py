@@ -1,0 +1,141 @@
+"""Ship a frozen image's changed extents over a link, reading them straight from the qcow2 files.
+
+Only the extents ``core.extents.plan_extents`` selects are read (at their host
+offsets in the layer that holds them, from ``qemu-img map -U``): never the
+whole disk. Frozen images no longer change, so reading them while QEMU keeps
+them open as backing files is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.core.extents import Extent, data_bytes, plan_extents
+from libvirt_cgrep.replica import protocol as proto
+from libvirt_cgrep.replica.link import Link
+
+CHUNK = 4 << 20
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class DiskShipment:
+    domain: str
+    target: str
+    chain: tuple[str, ...]  # the frozen image first
+    ship_depth: int
+    full: bool
+    virtual_size: int
+
+
+def extents_of(d: DiskShipment) -> tuple[Extent, ...]:
+    out = run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", d.chain[0]], timeout=600)
+    return plan_extents(json.loads(out), d.ship_depth, full=d.full)
+
+
+class RateLimit:
+    """A simple pacing limiter: at most ``rate`` bytes per second on average."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def ship_disk(
+    link: Link,
+    d: DiskShipment,
+    extents: Sequence[Extent],
+    *,
+    compress: str | None,
+    limiter: RateLimit,
+    progress: Progress,
+) -> int:
+    """Send one disk's extents; returns the payload bytes put on the link."""
+    fds: dict[int, int] = {}
+    sent = 0
+    total = data_bytes(extents)
+    done = 0
+    try:
+        for x in extents:
+            if x.kind == "zero":
+                link.send({"op": "zero", "domain": d.domain, "target": d.target, "offset": x.start, "length": x.length})
+                continue
+            fd = fds.get(x.depth)
+            if fd is None:
+                fd = fds[x.depth] = os.open(d.chain[x.depth], os.O_RDONLY)
+            assert x.offset is not None
+            for i in range(0, x.length, CHUNK):
+                n = min(CHUNK, x.length - i)
+                buf = os.pread(fd, n, x.offset + i)
+                if len(buf) != n:
+                    raise proto.StreamError(f"short read from {d.chain[x.depth]} at {x.offset + i}")
+                payload, z = proto.compress(buf, compress)
+                limiter.take(len(payload))
+                msg: dict[str, object] = {"op": "data", "domain": d.domain, "target": d.target, "offset": x.start + i}
+                if z:
+                    msg["z"] = z
+                link.send(msg, payload)
+                sent += len(payload)
+                done += n
+                progress(done, total)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return sent
+
+
+def chain_of(image: str) -> tuple[str, ...]:
+    return tuple(i.path for i in qemu_img.chain(Path(image)))
+
+
+def terminal_progress(label: str) -> Progress:
+    """A progress bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return lambda done, total: None
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.1 and done < total:
+            return
+        last[0] = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{label} [{bar:<30}] {frac * 100:5.1f}% {done >> 20}/{total >> 20} MiB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def json_progress(label: str) -> Progress:
+    """Quiet machine-readable progress: one JSON line on stderr per ~10 %."""
+    marks = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct // 10 != marks[0]:
+            marks[0] = pct // 10
+            sys.stderr.write(json.dumps({"progress": label, "done": done, "total": total}) + "\n")
+            sys.stderr.flush()
+
+    return show

@@ -1,0 +1,295 @@
+"""A replica target directory (format v1, docs/replica-format.md).
+
+What a commit guarantees: a point exists iff ``<set>/points/<id>.json`` exists.
+That manifest is written last (temp file, fsync, rename, fsync dir), after
+every image it names was fully written, fsynced and renamed into place. A
+reader therefore never sees a partial point. Opening a target (which takes an
+exclusive ``fcntl`` lock: one writer at a time) discards every leftover of an
+uncommitted point and finishes any interrupted prune, so every listed point
+stays readable whatever crashed when.
+
+Layout::
+
+    TARGET/cgrep-replica.json              {"format": "libvirt-cgrep-replica", "version": 1}
+    TARGET/.lock
+    TARGET/<set>/points/<id>.json          the commit records
+    TARGET/<set>/disks/<dom>/<disk>/<id>.qcow2   one image per point (base, then deltas)
+    TARGET/<set>/disks/<dom>/<disk>/.staging-<id>.qcow2   being written (discarded on open)
+    TARGET/<set>/prune-<id>.json           an interrupted prune's intent (finished on open)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from libvirt_cgrep.adapters import nbd
+from libvirt_cgrep.adapters.fs import fsync_dir, save_file
+from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.core.retention import Policy, PointTime, prune
+from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
+
+_STAGING = re.compile(r"\.staging-(.+)\.qcow2")
+_IMAGE = re.compile(r"(.+)\.qcow2")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StagedDisk:
+    domain: str
+    target: str
+    virtual_size: int
+    path: Path
+    final: Path
+    backing: str | None
+
+
+class Store:
+    """An opened, locked, recovered target directory."""
+
+    def __init__(self, root: Path, lock_fd: int) -> None:
+        self.root = root
+        self._lock_fd = lock_fd
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, root: Path, *, create: bool = True, readonly: bool = False) -> Store:
+        """Lock and recover the target (creating it if ``create``); ConflictError if another writer holds it.
+
+        ``readonly`` takes no lock and changes nothing: the commit rule makes
+        every listed point whole even while a writer works.
+        """
+        if not root.is_absolute():
+            raise UsageError(f"target path {str(root)!r} must be absolute")
+        marker = root / "cgrep-replica.json"
+        if not marker.exists():
+            if not create or readonly:
+                raise NotFoundError(f"{root} is not a libvirt-cgrep replica target")
+            if root.exists() and any(root.iterdir()):
+                raise UsageError(f"{root} exists, is not empty and is not a replica target; refusing to use it")
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            save_file(marker, json.dumps({"format": mf.TARGET_FORMAT, "version": mf.TARGET_VERSION}).encode() + b"\n")
+        try:
+            info = json.loads(marker.read_bytes())
+        except ValueError as exc:
+            raise StateError(f"{marker} is unreadable") from exc
+        if info.get("format") != mf.TARGET_FORMAT or info.get("version") != mf.TARGET_VERSION:
+            raise StateError(f"{root}: replica format {info.get('format')} v{info.get('version')} is not supported")
+        if readonly:
+            return cls(root, -1)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConflictError(f"target {root} is in use by another virt-cgrep") from None
+        store = cls(root, fd)
+        for s in store.sets():
+            store._recover(s)
+        return store
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- reading
+    def set_dir(self, set_name: str) -> Path:
+        return self.root / validate_name(set_name, "set name")
+
+    def sets(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "points").is_dir())
+
+    def points(self, set_name: str) -> list[mf.Manifest]:
+        """Committed points of a set, oldest first."""
+        pdir = self.set_dir(set_name) / "points"
+        if not pdir.is_dir():
+            return []
+        out = []
+        for f in pdir.glob("*.json"):
+            if mf.valid_point_id(f.stem):
+                out.append(mf.parse(f.read_bytes()))
+        return sorted(out, key=lambda m: m.point_id)
+
+    def point(self, set_name: str, point_id: str) -> mf.Manifest:
+        f = self.set_dir(set_name) / "points" / f"{point_id}.json"
+        if not mf.valid_point_id(point_id) or not f.exists():
+            raise NotFoundError(f"no point {point_id!r} in set {set_name!r}")
+        return mf.parse(f.read_bytes())
+
+    def image_path(self, set_name: str, rel: str) -> Path:
+        return self.set_dir(set_name) / rel
+
+    # ---------------------------------------------------------------- recovery
+    def _recover(self, set_name: str) -> None:
+        sdir = self.set_dir(set_name)
+        for intent in sorted(sdir.glob("prune-*.json")):
+            self._finish_prune(set_name, json.loads(intent.read_bytes()))
+            intent.unlink()
+            fsync_dir(sdir)
+        committed = {(d.image) for m in self.points(set_name) for d in m.disks}
+        ddir = sdir / "disks"
+        if ddir.is_dir():
+            for img in ddir.glob("*/*/*.qcow2"):
+                rel = str(img.relative_to(sdir))
+                if _STAGING.fullmatch(img.name) or rel not in committed:
+                    img.unlink()
+                    fsync_dir(img.parent)
+        for tmp in (sdir / "points").glob(".*.tmp"):
+            tmp.unlink()
+
+    # ----------------------------------------------------------------- writing
+    def stage(
+        self, set_name: str, point_id: str, parent: mf.Manifest | None, disks: Sequence[tuple[str, str, int, bool]]
+    ) -> list[StagedDisk]:
+        """Create the empty images of a new point: deltas over ``parent``'s images, or full bases (``full``)."""
+        if not mf.valid_point_id(point_id):
+            raise UsageError(f"invalid point id {point_id!r}")
+        sdir = self.set_dir(set_name)
+        (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (sdir / "points" / f"{point_id}.json").exists():
+            raise ConflictError(f"point {point_id} already exists in {set_name}")
+        staged = []
+        for domain, target, size, full in disks:
+            validate_name(domain, "domain name")
+            validate_name(target, "disk target")
+            final_rel = mf.disk_image_name(domain, target, point_id)
+            final = sdir / final_rel
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = final.parent / f".staging-{point_id}.qcow2"
+            path.unlink(missing_ok=True)
+            prev = parent.disk(domain, target) if parent and not full else None
+            backing = Path(prev.image).name if prev else None
+            if prev and prev.virtual_size != size:
+                backing = None  # a resized disk starts a new base
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+            if backing:
+                argv += ["-F", "qcow2", "-b", backing]
+            run([*argv, str(path), str(size)], timeout=60)
+            staged.append(StagedDisk(domain, target, size, path, final, backing))
+        return staged
+
+    @contextlib.contextmanager
+    def writer(self, disk: StagedDisk) -> Iterator[nbd.NBDClient]:
+        """An NBD client writing into a staged image; flushed and closed on exit."""
+        with nbd.serve(disk.path) as client:
+            yield client
+
+    def commit(self, set_name: str, manifest: mf.Manifest, staged: Sequence[StagedDisk], shipped: dict[tuple[str, str], int]) -> mf.Manifest:
+        """Make the point durable and visible: images fsynced and renamed, then the manifest (the commit record)."""
+        sdir = self.set_dir(set_name)
+        records = []
+        for s in staged:
+            _fsync_file(s.path)
+            digest = sha256_file(s.path)
+            os.replace(s.path, s.final)
+            fsync_dir(s.final.parent)
+            prev = manifest.disk(s.domain, s.target)
+            assert prev is not None
+            records.append(
+                replace(
+                    prev,
+                    image=str(s.final.relative_to(sdir)),
+                    backing=s.backing,
+                    virtual_size=s.virtual_size,
+                    bytes_shipped=shipped.get((s.domain, s.target), 0),
+                    sha256=digest,
+                )
+            )
+        _fault("after-rename")
+        final = replace(manifest, disks=tuple(records), committed_utc=datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+        save_file(sdir / "points" / f"{manifest.point_id}.json", final.to_json(), 0o600)
+        return final
+
+    def discard(self, staged: Sequence[StagedDisk]) -> None:
+        for s in staged:
+            s.path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------- prune
+    def prune(self, set_name: str, policy: Policy, now: datetime) -> list[str]:
+        """Delete the points ``core.retention.prune`` selects, merging each into its child."""
+        pts = self.points(set_name)
+        times = [PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts]
+        doomed = prune(times, now, policy)
+        for pid in doomed:
+            pts = self.points(set_name)
+            ids = [m.point_id for m in pts]
+            i = ids.index(pid)
+            child = pts[i + 1] if i + 1 < len(pts) else None
+            if child is None:
+                continue  # never delete the newest
+            intent = {"point": pid, "child": child.point_id, "parent": pts[i].parent or ""}
+            path = self.set_dir(set_name) / f"prune-{pid}.json"
+            save_file(path, json.dumps(intent).encode(), 0o600)
+            self._finish_prune(set_name, intent)
+            path.unlink()
+            fsync_dir(path.parent)
+        return list(doomed)
+
+    def _finish_prune(self, set_name: str, intent: dict[str, str]) -> None:
+        """Idempotent: merge point X into its child C, so C keeps its content and X disappears."""
+        sdir = self.set_dir(set_name)
+        x_id, c_id = intent["point"], intent["child"]
+        x_manifest_path = sdir / "points" / f"{x_id}.json"
+        if x_manifest_path.exists():
+            x_manifest_path.unlink()
+            fsync_dir(x_manifest_path.parent)
+        c = self.point(set_name, c_id)
+        for d in c.disks:
+            c_img = sdir / d.image
+            x_img = c_img.parent / f"{x_id}.qcow2"
+            if x_img.exists() and d.backing == x_img.name:
+                # C's view never changes: commit writes only clusters C has into X.
+                run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(c_img)], timeout=3600)
+                _fsync_file(x_img)
+                os.replace(x_img, c_img)
+                fsync_dir(c_img.parent)
+        new_disks = []
+        for d in c.disks:
+            c_img = sdir / d.image
+            info = run(["qemu-img", "info", "-U", "--output=json", str(c_img)], timeout=60)
+            backing = json.loads(info).get("backing-filename")
+            new_disks.append(replace(d, backing=backing, sha256=sha256_file(c_img)))
+        parent = (intent["parent"] or None) if c.parent == x_id else c.parent
+        save_file(sdir / "points" / f"{c_id}.json", replace(c, disks=tuple(new_disks), parent=parent).to_json(), 0o600)
+
+
+def _parse_time(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _fault(where: str) -> None:
+    """Test-only fault injection: CGREP_FAULT_RECEIVER=<where> kills this process there."""
+    if os.environ.get("CGREP_FAULT_RECEIVER") == where:
+        os._exit(99)
