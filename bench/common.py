@@ -161,26 +161,25 @@ def qemu_conf_text(path: Path = QEMU_CONF) -> str:
 # --------------------------------------------------------------------------- private libvirtd
 
 
-def _mask_opts(path: Path) -> str:
-    st = path.stat()
-    return f"mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}"
-
-
 #: Directories a private daemon gets its own empty copy of: state, definitions, caches, logs.
-_MASKED = ("/run/libvirt", "/etc/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu", "/var/log/libvirt/qemu")
+MASKED = ("/run/libvirt", "/etc/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu", "/var/log/libvirt/qemu")
 
 
 @contextlib.contextmanager
-def private_libvirtd(qemu_conf_extra: Mapping[str, str], *, start_timeout: float = 120.0) -> Iterator[str]:
+def private_libvirtd(
+    qemu_conf_extra: Mapping[str, str], *, tmpfs: Sequence[str] = (), start_timeout: float = 120.0
+) -> Iterator[str]:
     """A second libvirtd with ``qemu.conf`` plus ``qemu_conf_extra``, in a private mount namespace.
 
     The machine's daemon, its configuration and its domains are untouched: the
-    private daemon sees empty tmpfs copies of libvirt's state directories and a
-    bind-mounted ``qemu.conf``; both vanish with its mount namespace. Yields the
+    private daemon sees empty copies of libvirt's state directories (:data:`MASKED`,
+    bind-mounted from a scratch directory on the same filesystem, so that file
+    saves cost the same; those in ``tmpfs`` get a tmpfs instead) and a
+    bind-mounted ``qemu.conf``; all vanish with its mount namespace. Yields the
     URI to reach it (``qemu:///system?socket=...``). The daemon and its virtlogd
     are stopped by pid on exit; the caller removes its domains first.
     """
-    work = Path(tempfile.mkdtemp(prefix="bench-libvirtd-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-libvirtd-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     sock_dir = work / "sock"
     sock_dir.mkdir()
@@ -188,13 +187,26 @@ def private_libvirtd(qemu_conf_extra: Mapping[str, str], *, start_timeout: float
     (work / "qemu.conf").write_text(conf)
     os.chmod(work / "qemu.conf", 0o600)
     (work / "libvirtd.conf").write_text(f'unix_sock_dir = "{sock_dir}"\n')
-    mounts = "\n".join(f"mount -t tmpfs -o {_mask_opts(Path(d))} tmpfs {d}" for d in _MASKED)
-    script = f"""set -e
-{mounts}
+    mounts: list[str] = []
+    for i, d in enumerate(MASKED):
+        st = Path(d).stat()
+        if d in tmpfs:
+            mounts.append(f"mount -t tmpfs -o mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid} tmpfs {d}")
+            continue
+        copy = work / f"mask{i}"
+        copy.mkdir()
+        os.chown(copy, st.st_uid, st.st_gid)
+        os.chmod(copy, st.st_mode & 0o7777)
+        mounts.append(f"mount --bind {copy} {d}")
+    script = (
+        "set -e\n"
+        + "\n".join(mounts)
+        + f"""
 mount --bind {work}/qemu.conf {QEMU_CONF}
 virtlogd -d -p {work}/virtlogd.pid
 exec libvirtd -f {work}/libvirtd.conf -p {work}/libvirtd.pid
 """
+    )
     uri = f"qemu:///system?socket={sock_dir}/libvirt-sock"
     log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(

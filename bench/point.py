@@ -58,12 +58,23 @@ BASE_METHODS = ("virsh", "libvirt-atomic", "bare-hold", "point-none", "point-sus
 LEVER_METHODS = ("bare-hold-preown", "point-suspend-plain", "point-suspend-preown")
 #: Methods measured under each private-daemon configuration (lever b/c).
 DAEMON_METHODS = ("bare-hold", "bare-hold-preown", "point-suspend-plain", "point-suspend-preown")
-#: qemu.conf overrides measured with a private libvirtd; "control" has none (same daemon setup, stock config).
-DAEMON_CONFIGS: dict[str, dict[str, str]] = {
-    "control": {},
-    "namespaces-off": {"namespaces": "[]"},
-    "remember-owner-off": {"remember_owner": "0"},
-    "both-off": {"namespaces": "[]", "remember_owner": "0"},
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """A private-daemon setup: qemu.conf additions, and which state directories are on tmpfs."""
+
+    qemu_conf: dict[str, str]
+    tmpfs: tuple[str, ...] = ()
+
+
+#: Measured with a private libvirtd each; "control" is the stock qemu.conf on the same setup.
+DAEMON_CONFIGS: dict[str, DaemonConfig] = {
+    "control": DaemonConfig({}),
+    "namespaces-off": DaemonConfig({"namespaces": "[]"}),
+    "remember-owner-off": DaemonConfig({"remember_owner": "0"}),
+    "both-off": DaemonConfig({"namespaces": "[]", "remember_owner": "0"}),
+    "run-tmpfs": DaemonConfig({}, ("/run/libvirt",)),
 }
 
 
@@ -223,21 +234,29 @@ def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
 class DiskRun:
     disks: int
     samples: dict[str, list[Sample]] = field(default_factory=dict)
-    depth_end: int = 0
+    depth_max: int = 0
 
 
-def run_disks(conn: libvirt.virConnect, uri: str, disks: int, methods: Sequence[str], *, trials: int, timing: Timing) -> DiskRun:
+def run_disks(
+    conn: libvirt.virConnect, uri: str, disks: int, methods: Sequence[str], *, trials: int, timing: Timing, rounds_per_domain: int
+) -> DiskRun:
+    """``trials`` rounds of every method; a fresh domain every ``rounds_per_domain`` rounds keeps chains short."""
     out = DiskRun(disks, {m: [] for m in methods})
-    with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
-        ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
-        for t in range(trials):
-            k = t % len(methods)
-            for m in [*methods[k:], *methods[:k]]:
-                s = one_trial(ctx, m, t, timing)
-                out.samples[m].append(s)
-            wait_progress(ctx.log, records=5)
-            print(f"  {disks} disks: trial {t + 1}/{trials} done, chain depth {ctx.depth()}", file=sys.stderr, flush=True)
-        out.depth_end = ctx.depth()
+    t = 0
+    while t < trials:
+        with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
+            ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
+            for _ in range(rounds_per_domain):
+                if t >= trials:
+                    break
+                k = t % len(methods)
+                for m in [*methods[k:], *methods[:k]]:
+                    out.samples[m].append(one_trial(ctx, m, t, timing))
+                wait_progress(ctx.log, records=5)
+                depth = ctx.depth()
+                out.depth_max = max(out.depth_max, depth)
+                print(f"  {disks} disks: round {t + 1}/{trials} done, chain depth {depth}", file=sys.stderr, flush=True)
+                t += 1
     return out
 
 
@@ -329,22 +348,22 @@ class SetResult:
 
     summary: dict[str, dict[str, dict[str, float | None]]]
     ratios: dict[str, dict[str, float | None]]
-    chain_depth_end: dict[str, int]
+    chain_depth_max: dict[str, int]
     samples: dict[str, list[dict[str, object]]]
 
 
-def run_set(uri: str, disks_list: Sequence[int], methods: Sequence[str], trials: int, timing: Timing) -> SetResult:
+def run_set(uri: str, disks_list: Sequence[int], methods: Sequence[str], *, trials: int, timing: Timing, rpd: int) -> SetResult:
     conn = lv.connect(uri)
     res = SetResult({}, {}, {}, {})
     try:
         for d in disks_list:
             print(f"{d} disks: methods {', '.join(methods)}", file=sys.stderr, flush=True)
-            dr = run_disks(conn, uri, d, methods, trials=trials, timing=timing)
+            dr = run_disks(conn, uri, d, methods, trials=trials, timing=timing, rounds_per_domain=rpd)
             key = str(d)
             res.summary[key] = {m: summarize(ss) for m, ss in dr.samples.items()}
             res.ratios[key] = ratios(res.summary[key])
             res.samples[key] = [{**asdict(s), "extra_lat_ms": s.extra_lat_ms} for ss in dr.samples.values() for s in ss]
-            res.chain_depth_end[key] = dr.depth_end
+            res.chain_depth_max[key] = dr.depth_max
         return res
     finally:
         conn.close()
@@ -378,6 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--daemon-disks", default=None, help="disk counts for the private-daemon levers (default: --disks)")
     ap.add_argument("--daemon-configs", default=",".join(DAEMON_CONFIGS), help="private-daemon configurations to measure")
     ap.add_argument("--no-main", action="store_true", help="skip the main run (only the private-daemon levers)")
+    ap.add_argument(
+        "--rounds-per-domain",
+        type=int,
+        default=2,
+        help="rounds on one domain before a fresh one (keeps chains short)",
+    )
     ap.add_argument("--quiet-s", type=float, default=1.0)
     ap.add_argument("--tail-s", type=float, default=0.3)
     args = ap.parse_args(argv)
@@ -392,22 +417,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods += [m for m in LEVER_METHODS if m not in methods]
     timing = Timing(quiet_s=args.quiet_s, tail_s=args.tail_s)
     host = _versions()
-    report: dict[str, object] = {"started_utc": datetime.now(UTC).isoformat(), "trials": args.trials, "timing": asdict(timing)}
+    report: dict[str, object] = {
+        "started_utc": datetime.now(UTC).isoformat(),
+        "trials": args.trials,
+        "rounds_per_domain": args.rounds_per_domain,
+        "timing": asdict(timing),
+    }
     texts: list[str] = []
     if not args.no_main:
-        main_run = run_set(args.uri, disks_list, methods, args.trials, timing)
+        main_run = run_set(args.uri, disks_list, methods, trials=args.trials, timing=timing, rpd=args.rounds_per_domain)
         report["main"] = {"uri": args.uri, "methods": methods, **asdict(main_run)}
         texts += [table(main_run.summary, f"point bench, {args.trials} trials, {args.uri}"), ratio_lines(main_run.ratios)]
     if args.levers and args.daemon_configs:
         ddisks = [int(x) for x in (args.daemon_disks or args.disks).split(",") if x]
         daemons: dict[str, object] = {}
         for cfg in [c for c in args.daemon_configs.split(",") if c]:
-            extra = DAEMON_CONFIGS[cfg]
-            print(f"private libvirtd '{cfg}': {extra or 'stock qemu.conf'}", file=sys.stderr, flush=True)
-            with private_libvirtd(extra) as uri:
-                res = run_set(uri, ddisks, DAEMON_METHODS, args.trials, timing)
-            daemons[cfg] = {"qemu_conf_extra": extra, **asdict(res)}
-            texts += [table(res.summary, f"private libvirtd '{cfg}' {extra or '(stock qemu.conf)'}"), ratio_lines(res.ratios)]
+            dc = DAEMON_CONFIGS[cfg]
+            what = f"qemu.conf {dc.qemu_conf or '(stock)'}, tmpfs {list(dc.tmpfs) or 'none'}"
+            print(f"private libvirtd '{cfg}': {what}", file=sys.stderr, flush=True)
+            with private_libvirtd(dc.qemu_conf, tmpfs=dc.tmpfs) as uri:
+                res = run_set(uri, ddisks, DAEMON_METHODS, trials=args.trials, timing=timing, rpd=args.rounds_per_domain)
+            daemons[cfg] = {**asdict(dc), **asdict(res)}
+            texts += [table(res.summary, f"private libvirtd '{cfg}': {what}"), ratio_lines(res.ratios)]
         report["daemons"] = daemons
     report["finished_utc"] = datetime.now(UTC).isoformat()
     host["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

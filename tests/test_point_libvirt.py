@@ -83,7 +83,10 @@ def test_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, fen
 def test_hundred_points(conn: libvirt.virConnect, lab_vm: LabFactory, disks: int, fence: str) -> None:
     vm = lab_vm(disks=disks, size=32 << 20, tag=f"h{disks}{fence[0]}")
     consistent, holds = run_points(conn, vm, fence, 100)
-    print(f"{disks} disks, fence {fence}: {consistent}/100 consistent" + (f", hold median {statistics.median(holds):.1f} ms" if holds else ""))
+    print(
+        f"{disks} disks, fence {fence}: {consistent}/100 consistent"
+        + (f", hold median {statistics.median(holds):.1f} ms" if holds else "")
+    )
     assert consistent == 100
 
 
@@ -92,7 +95,19 @@ def test_sigkill_during_hold_guardian_resumes(conn: libvirt.virConnect, lab_vm: 
     dom = lv.lookup(conn, vm.name)
     deadline_ms = 2000
     proc = subprocess.Popen(
-        [sys.executable, "-m", "libvirt_cgrep", "-c", URI, "point", vm.name, "--fence", "suspend", "--deadline", str(deadline_ms)],
+        [
+            sys.executable,
+            "-m",
+            "libvirt_cgrep",
+            "-c",
+            URI,
+            "point",
+            vm.name,
+            "--fence",
+            "suspend",
+            "--deadline",
+            str(deadline_ms),
+        ],
         env={**os.environ, FAULT_HOLD_SLEEP_ENV: "20000"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -177,7 +192,8 @@ def test_refusals_change_nothing(conn: libvirt.virConnect, lab_vm: LabFactory, t
     raw = vm.directory / "extra.raw"
     raw.write_bytes(b"\0" * (1 << 20))
     dom.attachDeviceFlags(
-        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/><target dev='vdz' bus='virtio'/></disk>",
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>"
+        "<target dev='vdz' bus='virtio'/></disk>",
         libvirt.VIR_DOMAIN_AFFECT_LIVE,
     )
     before = tops(conn, vm.name)

@@ -111,7 +111,7 @@ def cmd_point(args: argparse.Namespace) -> int:
         return EXIT_OK
     fence = "-" if result.fence_ms is None else f"{result.fence_ms:.1f} ms"
     print(f"point {result.point_id} at {result.time_utc}  fence {result.fence} (hold {fence})  cut {result.cut_ms:.1f} ms")
-    rows = [d for d in result.as_dict()["disks"]]  # type: ignore[attr-defined]
+    rows = list(result.as_dict()["disks"])  # type: ignore[call-overload]
     print_table(rows, [("domain", "DOMAIN"), ("target", "DISK"), ("frozen_image", "FROZEN"), ("active_image", "ACTIVE")])
     return EXIT_OK
 

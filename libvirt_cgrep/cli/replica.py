@@ -45,8 +45,12 @@ def _policy(args: argparse.Namespace) -> Policy | None:
 
 
 def register(sub: Any) -> None:
-    s = sub.add_parser("sync", help="one replication cycle: cut, ship, commit, fold, prune", description=SYNC_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "sync",
+        help="one replication cycle: cut, ship, commit, fold, prune",
+        description=SYNC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("domains", nargs="+", metavar="DOMAIN")
     s.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
     s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the domain's name)")
@@ -61,16 +65,22 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="machine-readable result on stdout, progress as JSON lines on stderr")
     s.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("points", help="list the committed points on a target",
-                       description="List the committed recovery points of a target, newest last.")
+    p = sub.add_parser(
+        "points",
+        help="list the committed points on a target",
+        description="List the committed recovery points of a target, newest last.",
+    )
     p.add_argument("target", metavar="T")
     p.add_argument("--set", metavar="NAME", help="only this set (default: every set)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_points)
 
-    v = sub.add_parser("verify", help="re-check a target's points",
-                       description="Re-check checksums, backing chains and manifests of a target's points; with "
-                       "--write-order also run the lab's write-order checker on each point's images.")
+    v = sub.add_parser(
+        "verify",
+        help="re-check a target's points",
+        description="Re-check checksums, backing chains and manifests of a target's points; with "
+        "--write-order also run the lab's write-order checker on each point's images.",
+    )
     v.add_argument("target", metavar="T")
     v.add_argument("--set", metavar="NAME", help="only this set")
     v.add_argument("--point", metavar="ID", help="only this point")
@@ -78,8 +88,11 @@ def register(sub: Any) -> None:
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_verify)
 
-    r = sub.add_parser("receive", help="the replica side of a stream (run by sync, over ssh)",
-                       description="Serve one replication stream on stdin/stdout into PATH. Run by 'sync'; not for people.")
+    r = sub.add_parser(
+        "receive",
+        help="the replica side of a stream (run by sync, over ssh)",
+        description="Serve one replication stream on stdin/stdout into PATH. Run by 'sync'; not for people.",
+    )
     r.add_argument("path", metavar="PATH")
     r.add_argument("--read-only", action="store_true", help="serve only reads (points, verify); take no lock")
     r.set_defaults(func=cmd_receive)
@@ -108,12 +121,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result.as_dict())
         return EXIT_OK
-    d = result.as_dict()
+    shipped = sum(d.bytes_shipped for d in result.disks)
+    changed = sum(d.changed_bytes for d in result.disks)
     print(
         f"point {result.point_id} committed to {result.target} (set {result.set_name}): "
-        f"{format_size(int(d['bytes_shipped']))} shipped for {format_size(int(d['changed_bytes']))} changed, "
-        f"cut {result.cut_ms:.0f} ms, total {result.total_s:.1f} s"
-        + (f", pruned {len(result.pruned)}" if result.pruned else "")
+        f"{format_size(shipped)} shipped for {format_size(changed)} changed, "
+        f"cut {result.cut_ms:.0f} ms, total {result.total_s:.1f} s" + (f", pruned {len(result.pruned)}" if result.pruned else "")
     )
     for disk in result.disks:
         if disk.full:
@@ -139,12 +152,20 @@ def cmd_points(args: argparse.Namespace) -> int:
         emit_json(listing)
         return EXIT_OK
     rows = [
-        {"set": p["set"], "id": p["id"], "time": p["time_utc"], "disks": len(p["disks"]), "fence": p["fence"],
-         "shipped": format_size(sum(d["bytes_shipped"] for d in p["disks"]))}
+        {
+            "set": p["set"],
+            "id": p["id"],
+            "time": p["time_utc"],
+            "disks": len(p["disks"]),
+            "fence": p["fence"],
+            "shipped": format_size(sum(d["bytes_shipped"] for d in p["disks"])),
+        }
         for p in listing
     ]
-    print_table(rows, [("set", "SET"), ("id", "POINT"), ("time", "CUT (UTC)"), ("disks", "DISKS"), ("fence", "FENCE"),
-                       ("shipped", "SHIPPED")])
+    print_table(
+        rows,
+        [("set", "SET"), ("id", "POINT"), ("time", "CUT (UTC)"), ("disks", "DISKS"), ("fence", "FENCE"), ("shipped", "SHIPPED")],
+    )
     return EXIT_OK
 
 

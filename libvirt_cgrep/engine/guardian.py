@@ -191,4 +191,3 @@ class Guardian:
         for f in (self.proc.stdout, self.proc.stderr) if self.proc else ():
             if f is not None:
                 f.close()
-

@@ -129,7 +129,11 @@ def _repair(backend: LibvirtBackend, newest: mf.Manifest | None) -> None:
             chain = live_chain(backend.dom, rec.target)
         except Exception:
             continue
-        if rec.source_image in chain[1:] and rec.primary_base in chain and chain.index(rec.primary_base) > chain.index(rec.source_image):
+        if (
+            rec.source_image in chain[1:]
+            and rec.primary_base in chain
+            and chain.index(rec.primary_base) > chain.index(rec.source_image)
+        ):
             fold(backend.dom, rec.target, rec.primary_base, rec.source_image)
 
 
@@ -168,9 +172,7 @@ def sync(
         for b in backends:
             _repair(b, newest)
         point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
-        domains = tuple(
-            mf.DomainRecord(b.name, b.dom.UUIDString(), lv.persistent_xml(b.dom)) for b in backends
-        )
+        domains = tuple(mf.DomainRecord(b.name, b.dom.UUIDString(), lv.persistent_xml(b.dom)) for b in backends)
         plans: list[tuple[DiskShipment, str, str | None]] = []
         for g in point.guests:
             for dc in g.disks:
@@ -225,9 +227,7 @@ def sync(
             dom = by_name[s.domain].dom
             if s.chain[0] != base:
                 fold(dom, s.target, base, s.chain[0])
-            disk_results.append(
-                DiskSync(s.domain, s.target, s.full, reason, changed, sent, len(live_chain(dom, s.target)))
-            )
+            disk_results.append(DiskSync(s.domain, s.target, s.full, reason, changed, sent, len(live_chain(dom, s.target))))
         pruned: tuple[str, ...] = ()
         if policy is not None:
             reply = link.request(

@@ -21,11 +21,15 @@ from typing import IO, Any, cast
 from libvirt_cgrep.errors import UsageError
 from libvirt_cgrep.replica import protocol as proto
 
-_SSH = re.compile(r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9_.-]*)@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]{1,5}))?(?P<path>/.*)")
+_SSH = re.compile(
+    r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9_.-]*)@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]{1,5}))?(?P<path>/.*)"
+)
 _PATH = re.compile(r"/[A-Za-z0-9_.+/-]*")
 
 #: The receiver command on the far side (a venv's virt-cgrep, for example).
 REMOTE_CMD_ENV = "CGREP_REMOTE_CMD"
+#: An ssh_config file for the link (identity, known_hosts, proxies): ``ssh -F``.
+SSH_CONFIG_ENV = "CGREP_SSH_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,19 @@ def receiver_argv(target: Target, *, readonly: bool = False, ssh_options: tuple[
     if target.host is None:
         return [sys.executable, "-m", "libvirt_cgrep", "receive", *mode, target.path]
     remote = shlex.split(os.environ.get(REMOTE_CMD_ENV, "virt-cgrep"))
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+    argv = [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
+    ]
+    if os.environ.get(SSH_CONFIG_ENV):
+        argv += ["-F", os.environ[SSH_CONFIG_ENV]]
     argv += list(ssh_options)
     if target.port:
         argv += ["-p", str(target.port)]
@@ -86,12 +102,16 @@ class Link:
     def __init__(self, target: Target, *, readonly: bool = False) -> None:
         self.target = target
         self.proc = subprocess.Popen(
-            receiver_argv(target, readonly=readonly), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            receiver_argv(target, readonly=readonly),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
         )
         self.inp = cast(IO[bytes], self.proc.stdin)
         self.out = cast(IO[bytes], self.proc.stdout)
-        self.writer = open(self.inp.fileno(), "wb", buffering=1 << 20, closefd=False)
-        self.reader = open(self.out.fileno(), "rb", buffering=1 << 16, closefd=False)
+        self.writer = open(self.inp.fileno(), "wb", buffering=1 << 20, closefd=False)  # noqa: SIM115 - closed in close()
+        self.reader = open(self.out.fileno(), "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
         try:
             proto.write_header(self.writer)
             proto.read_header(self.reader)

@@ -112,5 +112,6 @@ def decompress(data: bytes, method: str | None) -> bytes:
     if method == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().decompress(data)
+        out: bytes = zstandard.ZstdDecompressor().decompress(data)
+        return out
     raise StreamError(f"unknown compression {method!r}")

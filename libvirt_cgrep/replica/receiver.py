@@ -112,7 +112,11 @@ class _Session:
             return {"ok": True, "sets": self.store.sets()}
         if op == "points":
             pts = self.store.points(msg["set"])
-            return {"ok": True, "points": [manifest_to_dict(m) for m in pts], "listing": [point_listing(self.store, m) for m in pts]}
+            return {
+                "ok": True,
+                "points": [manifest_to_dict(m) for m in pts],
+                "listing": [point_listing(self.store, m) for m in pts],
+            }
         if op == "begin":
             if self.staged:
                 raise StateError("a point is already being received")

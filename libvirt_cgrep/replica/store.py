@@ -36,7 +36,7 @@ from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.names import validate_name
-from libvirt_cgrep.core.retention import Policy, PointTime, prune
+from libvirt_cgrep.core.retention import PointTime, Policy, prune
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
 
 _STAGING = re.compile(r"\.staging-(.+)\.qcow2")
@@ -206,7 +206,9 @@ class Store:
         with nbd.serve(disk.path) as client:
             yield client
 
-    def commit(self, set_name: str, manifest: mf.Manifest, staged: Sequence[StagedDisk], shipped: dict[tuple[str, str], int]) -> mf.Manifest:
+    def commit(
+        self, set_name: str, manifest: mf.Manifest, staged: Sequence[StagedDisk], shipped: dict[tuple[str, str], int]
+    ) -> mf.Manifest:
         """Make the point durable and visible: images fsynced and renamed, then the manifest (the commit record)."""
         sdir = self.set_dir(set_name)
         records = []
