@@ -70,10 +70,12 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) 
 
 @pytest.fixture
 def bare_vm(tmp_path: Path, guest: GuestArtifacts) -> Iterator[VMFactory]:
-    """Factory: ``bare_vm(disks=N, raw=False, readonly=False, paused=False)``; every VM is killed after the test."""
+    """Factory: ``bare_vm(disks=N, raw=False, readonly=False, paused=False, name=None)``; every VM is killed after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def make(disks: int = 2, *, raw: bool = False, readonly: bool = False, paused: bool = False) -> BareVM:
+    def make(
+        disks: int = 2, *, raw: bool = False, readonly: bool = False, paused: bool = False, name: str | None = None
+    ) -> BareVM:
         d = tmp_path / f"vm{len(procs)}"
         d.mkdir()
         argv = [
@@ -115,6 +117,8 @@ def bare_vm(tmp_path: Path, guest: GuestArtifacts) -> Iterator[VMFactory]:
         ]  # fmt: skip
         if paused:
             argv.append("-S")
+        if name:
+            argv += ["-name", name]
         with open(d / "qemu.err", "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         procs.append(proc)

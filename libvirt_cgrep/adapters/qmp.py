@@ -120,7 +120,22 @@ class QMPConnection:
         QMPError with the job's error otherwise. A job still running at the
         deadline is cancelled (best effort) before the error is raised.
         """
-        job_id = str(create_args["job-id"])
+        self.job("blockdev-create", create_args, timeout=timeout)
+
+    def job(self, cmd: str, args: Mapping[str, object], timeout: float = 30.0) -> None:
+        """Start a job with ``cmd`` (``args`` name its ``job-id``), await its end, read its error, dismiss it.
+
+        The job must not dismiss itself (``blockdev-create`` never does; block
+        jobs need ``auto-dismiss: false`` in ``args``): its error is read from
+        ``query-jobs`` before ``job-dismiss``. Returns once the job concluded
+        without error. Raises :class:`QMPCommandError` if QEMU refused to start
+        it (no job of ours exists), QMPError with the job's error if it failed,
+        and :class:`QMPOutcomeUnknown` if it did not conclude within
+        ``timeout`` seconds or the connection was lost; then the job is
+        cancelled and dismissed (best effort) and the caller must re-query
+        QEMU's state (the job may have completed just before the cancel).
+        """
+        job_id = str(args["job-id"])
         client = self.client
 
         def ours(event: Message) -> bool:
@@ -138,15 +153,15 @@ class QMPConnection:
             with contextlib.suppress(QMPError):
                 self.execute("job-cancel", {"id": job_id}, timeout=2.0)
             with contextlib.suppress(QMPError):
-                self._run(wait_concluded(listener), 2.0, f"cancelling job {job_id}")
+                self._run(wait_concluded(listener), 5.0, f"cancelling job {job_id}")
             with contextlib.suppress(QMPError):
                 self.execute("job-dismiss", {"id": job_id}, timeout=2.0)
 
         listener = EventListener(names=("JOB_STATUS_CHANGE",), event_filter=ours)
         with client.listen(listener):
             try:
-                self.execute("blockdev-create", create_args, timeout=min(timeout, 10.0))
-                self._run(wait_concluded(listener), timeout, f"blockdev-create job {job_id}")
+                self.execute(cmd, args, timeout=min(timeout, 10.0))
+                self._run(wait_concluded(listener), timeout, f"{cmd} job {job_id}")
             except QMPCommandError:
                 raise  # refused: no job of ours exists (the id may be someone else's)
             except QMPError:
@@ -158,7 +173,7 @@ class QMPConnection:
                 error = job.get("error")
         self.execute("job-dismiss", {"id": job_id})
         if error is not None:
-            raise QMPError(f"blockdev-create job {job_id} failed: {error}")
+            raise QMPError(f"{cmd} job {job_id} failed: {error}")
 
     def _disconnect(self) -> None:
         client, self._client = self._client, None

@@ -33,6 +33,12 @@ verbs:
   points T                list the committed recovery points on a target
   verify T                re-check checksums and chains (--write-order: the lab checker)
   receive PATH            the replica side of a stream (run by sync, locally or over ssh)
+  protect DOMAIN --target T --rpo 5m   store protection in the domain's metadata
+  unprotect DOMAIN        remove it
+  agent                   the RPO scheduler (long-running; see 'virt-cgrep agent --help')
+  status                  RPO state of every protected group (ok, at-risk, violated, paused, error)
+  history GROUP           recent cycles and alerts of a group
+  hooks install|uninstall|status   the libvirt qemu hook that tells the agent about starts/stops
   lab build               build the lab guest (kernel, busybox initramfs, workload)
   lab up NAME             define and start a lab domain with N data disks
   lab down NAME           destroy a lab domain and remove its files
@@ -58,10 +64,15 @@ environment:
   LIBVIRT_DEFAULT_URI     connection URI when -c is not given (default qemu:///system)
   CGREP_LAB_DIR           lab domains' files (default /var/lib/libvirt-cgrep/lab)
   CGREP_LAB_CACHE         lab guest build cache (default /var/cache/libvirt-cgrep/lab)
+  CGREP_STATE_DIR         agent state (default /var/lib/libvirt-cgrep)
+  CGREP_SSH_CONFIG        ssh_config file for ssh:// targets (ssh -F)
+  CGREP_REMOTE_CMD        the receiver command on ssh:// targets (default virt-cgrep)
 
 files:
   /var/lib/libvirt-cgrep/lab/NAME/     a lab domain's disks and console.log
   /var/cache/libvirt-cgrep/lab/        vmlinuz, initrd.img and their input stamp
+  /var/lib/libvirt-cgrep/agent.db      the agent's state (SQLite, WAL)
+  /etc/libvirt-cgrep/agent.toml        the agent's configuration
 
 examples:
   virt-cgrep point db1 --json
@@ -108,7 +119,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import engine, lab, replica
+    from libvirt_cgrep.cli import agent, engine, hooks, lab, replica
 
     p = _Parser(
         prog=PROG,
@@ -130,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine.register(sub)
     replica.register(sub)
+    agent.register(sub)
+    hooks.register(sub)
     lab.register(sub)
     return p
 

@@ -44,11 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--fence", choices=("none", "suspend"), default="none", help="how I/O is held (default none)")
     p.add_argument("--deadline", default="2000", metavar="MS", help="longest hold with --fence suspend, ms (default 2000)")
     p.add_argument("--disks", metavar="T,..", help="only these disk targets (default: every supported disk)")
-    p.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt", help="libvirt domain, or bare QEMU by QMP socket")
-    p.add_argument("--qmp", action="append", default=[], metavar="SOCKET", help="QMP socket of a bare QEMU (qmp backend)")
-    p.add_argument(
-        "--guardian-qmp", action="append", default=[], metavar="SOCKET", help="a second QMP socket per QEMU, for the guardian"
-    )
+    add_backend_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_point)
 
@@ -60,6 +56,14 @@ def register(sub: Any) -> None:
     c.add_argument("domain", metavar="DOMAIN")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_chain)
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt", help="libvirt domain, or bare QEMU by QMP socket")
+    p.add_argument("--qmp", action="append", default=[], metavar="SOCKET", help="QMP socket of a bare QEMU (qmp backend)")
+    p.add_argument(
+        "--guardian-qmp", action="append", default=[], metavar="SOCKET", help="a second QMP socket per QEMU, for the guardian"
+    )
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.cli.engine import add_backend_options, backends_for
 from libvirt_cgrep.cli.output import emit_json, print_table
 from libvirt_cgrep.core.names import format_size, parse_count, parse_size, parse_targets, validate_name
 from libvirt_cgrep.core.retention import Policy
@@ -51,12 +51,13 @@ def register(sub: Any) -> None:
         description=SYNC_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("domains", nargs="+", metavar="DOMAIN")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="libvirt domain(s); omit with --backend qmp")
     s.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
     s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the domain's name)")
     s.add_argument("--fence", choices=("none", "suspend"), default="none", help="how I/O is held for the cut (default none)")
     s.add_argument("--deadline", default="2000", metavar="MS", help="longest hold with --fence suspend (default 2000)")
     s.add_argument("--disks", metavar="T,..", help="only these disk targets")
+    add_backend_options(s)
     s.add_argument("--keep", metavar="N", help="keep the newest N points (older ones are merged away)")
     s.add_argument("--keep-hourly", metavar="N", help="also keep the newest point of each of the last N hours")
     s.add_argument("--keep-daily", metavar="N", help="also keep the newest point of each of the last N days")
@@ -105,19 +106,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     policy = _policy(args)
     bwlimit = parse_size(args.bwlimit, minimum=1 << 10, maximum=1 << 40, align=1) if args.bwlimit else None
-    result = sync(
-        args.connect or lv.default_uri(),
-        args.domains,
-        target,
-        set_name=args.set,
-        fence=args.fence,
-        deadline_ms=parse_count(args.deadline, "deadline (ms)", 10, 60_000),
-        disks=parse_targets(args.disks) if args.disks else None,
-        policy=policy,
-        compress=args.compress,
-        bwlimit=bwlimit,
-        progress=json_progress if args.json else terminal_progress,
-    )
+    deadline = parse_count(args.deadline, "deadline (ms)", 10, 60_000)
+    with backends_for(args) as backends:
+        result = sync(
+            backends,
+            target,
+            set_name=args.set,
+            fence=args.fence,
+            deadline_ms=deadline,
+            disks=parse_targets(args.disks) if args.disks else None,
+            policy=policy,
+            compress=args.compress,
+            bwlimit=bwlimit,
+            progress=json_progress if args.json else terminal_progress,
+        )
     if args.json:
         emit_json(result.as_dict())
         return EXIT_OK

@@ -49,6 +49,22 @@ class Backend(Protocol):
         """Arguments telling a guardian process how to resume this guest on its own."""
         ...
 
+    def require_running(self) -> None:
+        """StateError unless the guest is running."""
+        ...
+
+    def chain(self, target: str) -> tuple[str, ...]:
+        """The disk's live backing chain, active image first."""
+        ...
+
+    def fold(self, target: str, base: str, top: str) -> None:
+        """Merge the non-active ``top`` (and anything between) into ``base``; the guest keeps running."""
+        ...
+
+    def record(self) -> tuple[str, str | None, str]:
+        """(name, uuid, definition) of the guest for a manifest (definition: domain XML, or '' for bare QEMU)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

@@ -15,7 +15,7 @@ import libvirt
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.engine.libvirt_backend import disks_of
-from libvirt_cgrep.errors import LibvirtError
+from libvirt_cgrep.errors import LibvirtError, StateError
 
 
 def live_chain(dom: libvirt.virDomain, target: str) -> tuple[str, ...]:
@@ -25,11 +25,16 @@ def live_chain(dom: libvirt.virDomain, target: str) -> tuple[str, ...]:
     raise LibvirtError(f"{dom.name()}: no disk {target}")
 
 
+def check_fold(chain: tuple[str, ...], base: str, top: str, name: str, target: str) -> None:
+    """StateError unless ``top`` is a non-active layer strictly above ``base`` in ``chain``. Pure."""
+    if top not in chain[1:] or base not in chain or chain.index(base) <= chain.index(top):
+        raise StateError(f"{name}/{target}: cannot fold {top} into {base}: not in the chain below the active image")
+
+
 def fold(dom: libvirt.virDomain, target: str, base: str, top: str, *, timeout: float = 3600.0) -> None:
     """Merge ``top`` (and anything between it and ``base``) into ``base``; wait until done."""
     chain = live_chain(dom, target)
-    if top not in chain[1:] or base not in chain or chain.index(base) <= chain.index(top):
-        raise LibvirtError(f"{dom.name()}/{target}: cannot fold {top} into {base}: not in the chain below the active image")
+    check_fold(chain, base, top, dom.name(), target)
     flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_DELETE
     lv.call(f"folding {target} of {dom.name()!r}", dom.blockCommit, target, base, top, 0, flags)
     end = time.monotonic() + timeout

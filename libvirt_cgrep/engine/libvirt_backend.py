@@ -190,8 +190,12 @@ class LibvirtBackend:
                     raise CutError(f"{self.name}: overlay {a.overlay} already exists")
                 run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", a.frozen, a.overlay], timeout=30)
                 made.append(a.overlay)
-                if self.owner is not None:
-                    os.chown(a.overlay, *self.owner)
+                if self.preown and self.owner is not None:
+                    try:
+                        os.chown(a.overlay, *self.owner)
+                    except PermissionError:
+                        # Not allowed to give files away (not root): let libvirt relabel, as without preown.
+                        self.preown = False
         except (CgrepError, OSError) as exc:
             for p in made:
                 Path(p).unlink(missing_ok=True)
@@ -240,6 +244,23 @@ class LibvirtBackend:
 
     def guardian_spec(self) -> Sequence[str]:
         return [f"libvirt:{self.uri}:{self.name}"]
+
+    def chain(self, target: str) -> tuple[str, ...]:
+        """The disk's live backing chain, active image first."""
+        for d in disks_of(lv.live_xml(self.dom)):
+            if d.target == target:
+                return d.chain
+        raise LibvirtError(f"{self.name}: no disk {target}")
+
+    def fold(self, target: str, base: str, top: str) -> None:
+        """Merge ``top`` (non-active) down into ``base`` with virDomainBlockCommit; see engine.fold."""
+        from libvirt_cgrep.engine.fold import fold
+
+        fold(self.dom, target, base, top)
+
+    def record(self) -> tuple[str, str | None, str]:
+        """(name, uuid, persistent XML) for a manifest."""
+        return self.name, self.dom.UUIDString(), lv.persistent_xml(self.dom)
 
     def close(self) -> None:
         return None

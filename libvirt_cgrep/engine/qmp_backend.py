@@ -17,25 +17,44 @@ Guarantees:
   :meth:`QMPBackend.discard`), and never while a disk uses them.
 - When a command's outcome is unknown (timeout, lost connection) the state is
   re-queried (``query-block``) to decide what happened; nothing is retried.
+- :meth:`QMPBackend.fold` merges non-active layers into a lower one with ONE
+  ``block-commit`` job (the guest keeps running); on failure the chain is
+  unchanged. Afterwards it removes the merged-away layers' nodes and files,
+  but only layers a prepare made (node ``cg-...`` with file node
+  ``<node>-f``, file ``*.cgrep-*.qcow2``), found from QEMU's queries so that
+  a later process can fold what an earlier one cut.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from libvirt_cgrep.adapters.qmp import QMPCommandError, QMPConnection, QMPOutcomeUnknown
 from libvirt_cgrep.core.model import Disk, DiskCut, Guest, GuestCut, SnapshotAction, Transaction
+from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.errors import CgrepError, ConflictError, CutError, QMPError, StateError, UsageError
+
+log = logging.getLogger(__name__)
 
 #: ``qdev`` of a device given ``id=NAME``: ``/machine/peripheral/NAME/...``
 _QDEV_ID = re.compile(r"^/machine/peripheral/([^/]+)(?:/|$)")
 #: QEMU's limit on node names (``char node_name[32]``).
 _NODE_NAME_MAX = 31
+#: Node names the planner gives overlays (``core.plan.overlay_node``).
+_OUR_NODE = re.compile(r"^cg-[A-Za-z0-9_-]+$")
+#: File names the planner gives overlays (``core.plan.overlay_path``).
+_OUR_FILE = re.compile(r"\.cgrep-[0-9A-Za-z-]+\.qcow2$")
+#: Protocol drivers: their nodes share the image's filename with the format node above them.
+_PROTOCOLS = frozenset({"file", "host_device", "host_cdrom"})
+#: Seconds a fold's ``block-commit`` job may run before it is cancelled.
+FOLD_TIMEOUT = 3600.0
 
 
 @dataclass
@@ -109,6 +128,26 @@ def disks_of(block: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, An
     return tuple(out)
 
 
+def layer_nodes(chain: Sequence[str], top_node: str, nodes: Sequence[Mapping[str, Any]], where: str) -> tuple[str, ...]:
+    """The format node name of every layer of ``chain`` (active first). Pure.
+
+    ``nodes`` is the reply of ``query-named-block-nodes`` with ``flat: false``
+    (each node's image with its backing images). The active layer's node is
+    ``top_node``; a lower layer's node is the one non-protocol node whose
+    image chain is exactly that layer and the layers below it.
+    StateError when a layer has no such node, or several.
+    """
+    out = [top_node]
+    for i in range(1, len(chain)):
+        below = tuple(chain[i:])
+        found = [str(n.get("node-name")) for n in nodes if n.get("drv") not in _PROTOCOLS and _chain_of(n.get("image")) == below]
+        if len(found) != 1:
+            what = "no node" if not found else f"several nodes ({', '.join(found)})"
+            raise StateError(f"{where}: {what} for layer {chain[i]} of the chain")
+        out.append(found[0])
+    return tuple(out)
+
+
 class QMPBackend:
     """One bare QEMU process, reached over its QMP monitor socket.
 
@@ -120,11 +159,18 @@ class QMPBackend:
     kind = "qmp"
 
     def __init__(
-        self, socket_path: str, name: str | None = None, guardian_socket: str | None = None, *, timeout: float = 10.0
+        self,
+        socket_path: str,
+        name: str | None = None,
+        guardian_socket: str | None = None,
+        *,
+        timeout: float = 10.0,
+        fold_timeout: float = FOLD_TIMEOUT,
     ) -> None:
         self.socket_path = socket_path
         self.guardian_socket = guardian_socket
         self.timeout = timeout
+        self.fold_timeout = fold_timeout
         self._name = name
         self._qmp: QMPConnection | None = None
         self._made: dict[str, _Made] = {}
@@ -356,6 +402,146 @@ class QMPBackend:
                 "(start QEMU with another -qmp socket and give it as the guardian socket)"
             )
         return [f"qmp:{self.guardian_socket}"]
+
+    def require_running(self) -> None:
+        """StateError unless ``query-status`` says the guest runs."""
+        status = self._x("query-status")
+        if not status.get("running"):
+            raise StateError(f"QEMU guest {self.name!r} is {status.get('status', 'not running')}; a point needs a running guest")
+
+    def _device(self, target: str) -> Mapping[str, Any]:
+        """The ``query-block`` entry of ``target`` (with a medium); StateError if there is none."""
+        block = self._x("query-block")
+        for dev in block:
+            if _target_of(dev) == target:
+                if not dev.get("inserted"):
+                    raise StateError(f"{self.name}: disk {target} has no medium")
+                return dict(dev)
+        raise StateError(f"{self.name}: no disk {target} (disks: {', '.join(_target_of(d) for d in block) or 'none'})")
+
+    def chain(self, target: str) -> tuple[str, ...]:
+        """The disk's live backing chain from ``query-block``, active image first."""
+        inserted = self._device(target)["inserted"]
+        return _chain_of(inserted.get("image")) or (str(inserted.get("file") or ""),)
+
+    def fold(self, target: str, base: str, top: str) -> None:
+        """Merge the non-active ``top`` (and every layer between it and ``base``) into ``base``.
+
+        ONE ``block-commit`` job (``top-node``/``base-node``, node names
+        resolved from QEMU's queries); the guest keeps running. On failure the
+        chain is unchanged and a QMPError/StateError says why. Then the
+        merged-away layers that a prepare made are removed (nodes and files,
+        see :meth:`_collect_garbage`); a layer QEMU still uses stays, logged.
+        """
+        from libvirt_cgrep.engine.fold import check_fold  # lazily: it pulls in libvirt-python
+
+        inserted = self._device(target)["inserted"]
+        chain = _chain_of(inserted.get("image"))
+        check_fold(chain, base, top, self.name, target)
+        nodes = self._x("query-named-block-nodes", {"flat": False})
+        layers = layer_nodes(chain, str(inserted.get("node-name") or ""), nodes, f"{self.name}/{target}")
+        i_top, i_base = chain.index(top), chain.index(base)
+        job_id = f"cgrep-fold-{target}-{uuid.uuid4().hex[:8]}"
+        args = {
+            "job-id": job_id,
+            "device": layers[0],
+            "top-node": layers[i_top],
+            "base-node": layers[i_base],
+            "auto-dismiss": False,
+        }
+        try:
+            self.qmp.job("block-commit", args, timeout=self.fold_timeout)
+        except QMPCommandError as exc:
+            raise QMPError(f"{self.name}/{target}: cannot fold {top} into {base}, the chain is unchanged: {exc}") from exc
+        except QMPOutcomeUnknown as exc:
+            # The job was cancelled at the deadline (or the answer was lost): did it complete first?
+            if top in self._chain_after_unknown(target, exc):
+                raise QMPError(f"{self.name}/{target}: the fold of {top} did not finish and was cancelled: {exc}") from exc
+        except QMPError as exc:
+            raise QMPError(f"{self.name}/{target}: the fold of {top} into {base} failed, the chain is unchanged: {exc}") from exc
+        after = self.chain(target)
+        if top in after or base not in after:
+            raise StateError(f"{self.name}/{target}: after folding {top} into {base} the chain is {' <- '.join(after)}")
+        try:
+            self._collect_garbage(f"{self.name}/{target}", layers[i_top:i_base])
+        except QMPError as exc:  # the fold itself succeeded; leftovers go with a later fold
+            log.warning("%s/%s: folded, but removing the merged-away layers failed: %s", self.name, target, exc)
+
+    def _chain_after_unknown(self, target: str, cause: QMPError) -> tuple[str, ...]:
+        try:
+            return self.chain(target)
+        except QMPError:
+            self.close()  # the session is unusable: query over a new one
+            try:
+                return self.chain(target)
+            except QMPError as exc:
+                raise QMPError(f"{self.name}/{target}: fold outcome unknown ({cause}) and QEMU cannot be queried: {exc}") from exc
+
+    def _collect_garbage(self, where: str, merged: Sequence[str]) -> None:
+        """Remove our overlay layers that no disk uses any more: the ``merged`` ones, and leftovers of dead processes.
+
+        A layer is ours when a prepare made it: format node ``cg-...`` with
+        file node ``<node>-f`` on a ``*.cgrep-*.qcow2`` file. Every such layer
+        outside every disk's chain, and not prepared by this backend for a
+        pending cut, gets ``blockdev-del`` of its format node and then its file
+        node (upper layers first: a merged-away layer still holds the one below
+        as its backing); its file is unlinked only once both nodes are gone.
+        Layers QEMU still uses (``is in use``) stay, logged; a later fold
+        collects them once they are free.
+        """
+        live = {f for d in self._x("query-block") for f in _chain_of((d.get("inserted") or {}).get("image"))}
+        nodes = self._x("query-named-block-nodes", {"flat": False})
+        by_name = {str(n.get("node-name")): n for n in nodes}
+        for node in merged:
+            if not _OUR_NODE.match(node) or file_node_name(node) not in by_name:
+                log.info("%s: %s was merged away but is not an overlay of ours: left alone", where, node)
+        garbage = []
+        for n in nodes:
+            node, filename = str(n.get("node-name")), str(n.get("file") or "")
+            proto = by_name.get(file_node_name(node))
+            if (
+                _OUR_NODE.match(node)
+                and n.get("drv") not in _PROTOCOLS
+                and node not in self._made
+                and filename not in live
+                and _OUR_FILE.search(filename)
+                and proto is not None
+                and proto.get("drv") == "file"
+                and proto.get("file") == filename
+            ):
+                garbage.append((len(_chain_of(n.get("image"))), node, filename))
+        for _, node, filename in sorted(garbage, reverse=True):
+            if not (self._del_node(where, node) and self._del_node(where, file_node_name(node))):
+                continue
+            try:
+                os.unlink(filename)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("%s: cannot remove merged-away %s: %s", where, filename, exc.strerror)
+
+    def _del_node(self, where: str, node: str) -> bool:
+        """``blockdev-del``; True when the node is gone (deleted or not found), False when QEMU still uses it."""
+        try:
+            self._x("blockdev-del", {"node-name": node})
+        except QMPCommandError as exc:
+            text = str(exc)
+            if "find node" in text or "not found" in text or exc.error_class == "DeviceNotFound":
+                return True
+            log.warning("%s: node %s stays (%s)", where, node, text)
+            return False
+        return True
+
+    def record(self) -> tuple[str, str | None, str]:
+        """(name, None, ''): bare QEMU has no domain definition. UsageError unless the name is a valid name.
+
+        The name is the one :meth:`discover` uses (given, else QEMU's ``-name``);
+        a replica stores it, so the socket-path fallback is refused here.
+        """
+        name = self.name
+        if name == self.socket_path:
+            raise UsageError(f"QEMU at {self.socket_path} has no name: start it with -name NAME to replicate it")
+        return validate_name(name, "guest name"), None, ""
 
     def close(self) -> None:
         qmp, self._qmp = self._qmp, None

@@ -24,16 +24,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.extents import data_bytes
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.retention import Policy
-from libvirt_cgrep.engine.fold import fold, live_chain
-from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
+from libvirt_cgrep.engine.backend import Backend
 from libvirt_cgrep.engine.point import take_point
-from libvirt_cgrep.errors import UsageError
+from libvirt_cgrep.errors import CgrepError, UsageError
 from libvirt_cgrep.replica.link import Link, Target
 from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
 from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, chain_of, extents_of, ship_disk
@@ -118,28 +116,27 @@ def coverage(chain: Sequence[str], rec: mf.DiskRecord | None) -> tuple[int, bool
     return chain.index(rec.primary_base), False, rec.primary_base, None
 
 
-def _repair(backend: LibvirtBackend, newest: mf.Manifest | None) -> None:
+def _repair(backend: Backend, name: str, newest: mf.Manifest | None) -> None:
     """Fold layers a crashed cycle committed but did not fold."""
     if newest is None:
         return
     for rec in newest.disks:
-        if rec.domain != backend.name:
+        if rec.domain != name:
             continue
         try:
-            chain = live_chain(backend.dom, rec.target)
-        except Exception:
+            chain = backend.chain(rec.target)
+        except CgrepError:
             continue
         if (
             rec.source_image in chain[1:]
             and rec.primary_base in chain
             and chain.index(rec.primary_base) > chain.index(rec.source_image)
         ):
-            fold(backend.dom, rec.target, rec.primary_base, rec.source_image)
+            backend.fold(rec.target, rec.primary_base, rec.source_image)
 
 
 def sync(
-    uri: str,
-    names: Sequence[str],
+    backends: Sequence[Backend],
     target: Target,
     *,
     set_name: str | None = None,
@@ -153,26 +150,24 @@ def sync(
     progress: Callable[[str], Progress] = lambda label: lambda d, t: None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> SyncResult:
-    """Run one cycle for the named domains (one set on the target)."""
+    """Run one cycle for the backends' guests (one set on the target)."""
     t_start = time.monotonic()
-    names = [validate_name(n, "domain name") for n in names]
-    if not names:
+    if not backends:
         raise UsageError("name at least one domain")
-    if len(names) > 1 and not set_name:
+    if len(backends) > 1 and not set_name:
         raise UsageError("several domains form one set: name it with --set NAME")
-    set_name = validate_name(set_name or names[0], "set name")
-    conn = lv.connect(uri)
-    backends = [LibvirtBackend(conn, n, uri) for n in names]
     for b in backends:
         b.require_running()
+    names = [b.record()[0] for b in backends]
+    set_name = validate_name(set_name or names[0], "set name")
     link = Link(target)
     try:
         pts = link.request({"op": "points", "set": set_name})["points"]
         newest = manifest_from_dict(pts[-1]) if pts else None
-        for b in backends:
-            _repair(b, newest)
+        for b, name in zip(backends, names, strict=True):
+            _repair(b, name, newest)
         point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
-        domains = tuple(mf.DomainRecord(b.name, b.dom.UUIDString(), lv.persistent_xml(b.dom)) for b in backends)
+        domains = tuple(mf.DomainRecord(*b.record()) for b in backends)
         plans: list[tuple[DiskShipment, str, str | None]] = []
         for g in point.guests:
             for dc in g.disks:
@@ -203,7 +198,7 @@ def sync(
             point_id=point.point_id,
             time_utc=point.time_utc,
             set_name=set_name,
-            group=set_name if len(names) > 1 else None,
+            group=set_name if len(backends) > 1 else None,
             parent=parent,
             fence=fence,
             consistency=consistency,
@@ -221,13 +216,13 @@ def sync(
             }
         )
         _fault_before_fold()
-        by_name = {b.name: b for b in backends}
+        by_name = dict(zip(names, backends, strict=True))
         disk_results = []
-        for s, changed, sent, base, reason in results:
-            dom = by_name[s.domain].dom
-            if s.chain[0] != base:
-                fold(dom, s.target, base, s.chain[0])
-            disk_results.append(DiskSync(s.domain, s.target, s.full, reason, changed, sent, len(live_chain(dom, s.target))))
+        for s_, changed, sent, base, reason in results:
+            backend = by_name[s_.domain]
+            if s_.chain[0] != base:
+                backend.fold(s_.target, base, s_.chain[0])
+            disk_results.append(DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target))))
         pruned: tuple[str, ...] = ()
         if policy is not None:
             reply = link.request(

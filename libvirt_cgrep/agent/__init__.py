@@ -1,0 +1,1 @@
+"""The agent: a long-running scheduler that keeps each protected group within its RPO."""

@@ -1,0 +1,498 @@
+"""The agent's scheduler: keeps every protected group's newest point within its RPO.
+
+Guarantees:
+
+- it acts only on domains carrying our protection metadata;
+- each group's next cycle is started by the RPO maths of ``core.rpo``; at
+  most ``concurrency`` cycles run at once and one group's failure or slowness
+  never delays another's schedule (each group is scheduled independently);
+- every cycle is a ``virt-cgrep sync`` child process: if the agent dies or is
+  stopped, the child dies too and its guardian resumes any held guest, and
+  the target's commit rule keeps every point whole;
+- alerts are raised on state edges only (``rpo-violated``/``rpo-restored``
+  always paired, ``rpo-at-risk``), recorded in the state DB and delivered;
+- it reconnects to libvirtd by itself and learns changes from domain and
+  metadata events, from the hooks' spool, and from a periodic rescan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from libvirt_cgrep.agent.alerts import Alert, AlertSink
+from libvirt_cgrep.agent.config import AgentConfig
+from libvirt_cgrep.agent.db import GroupRow, StateDB
+from libvirt_cgrep.core import protection as prot
+from libvirt_cgrep.core import rpo
+from libvirt_cgrep.errors import CgrepError
+
+log = logging.getLogger("libvirt_cgrep.agent")
+
+_EVENT_LOOP = threading.Event()
+
+
+def _start_event_loop() -> None:
+    """libvirt's default event loop in a daemon thread (needed for domain events and keepalive)."""
+    if _EVENT_LOOP.is_set():
+        return
+    _EVENT_LOOP.set()
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_utc(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    members: tuple[str, ...]
+    protection: prot.Protection
+    member_states: tuple[str, ...]
+    problem: str | None = None
+
+
+@dataclass
+class Runtime:
+    spec: GroupSpec
+    newest_id: str | None = None
+    newest_time: datetime | None = None
+    known: bool = False
+    failures: int = 0
+    last_failure: datetime | None = None
+    last_error: str | None = None
+    last_duration: float | None = None
+    last_bytes: int | None = None
+    running_since: datetime | None = None
+    future: Future[dict[str, Any]] | None = None
+    probe: Future[dict[str, Any]] | None = None
+    state: str = "unknown"
+    durations: list[float] = field(default_factory=list)
+    next_run: datetime | None = None
+
+
+class Agent:
+    def __init__(
+        self, cfg: AgentConfig, db: StateDB, sink: AlertSink, reload: Callable[[], tuple[AgentConfig, AlertSink]] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.reloader = reload
+        self.db = db
+        self.sink = sink
+        self.groups: dict[str, Runtime] = {}
+        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="cycle")
+        self.running_cycles = 0
+        self.children: set[subprocess.Popen[str]] = set()
+        self.children_lock = threading.Lock()
+        self.conn: libvirt.virConnect | None = None
+        self.dirty = threading.Event()
+        self.stopping = False
+        self.reload = False
+        self.last_scan = 0.0
+        self.metrics: Any = None
+
+    # ------------------------------------------------------------ libvirt
+    def _connect(self) -> bool:
+        if self.conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if self.conn.isAlive():
+                    return True
+            self.conn = None
+        try:
+            conn = libvirt.open(self.cfg.uri)
+        except libvirt.libvirtError as exc:
+            log.warning("cannot connect to %s: %s", self.cfg.uri, exc.get_error_message())
+            return False
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(2, 3)
+        mark = lambda *a: self.dirty.set()  # noqa: E731
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, mark, None)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, mark, None)
+        conn.registerCloseCallback(lambda *a: self.dirty.set(), None)
+        self.conn = conn
+        log.info("connected to %s", self.cfg.uri)
+        self.dirty.set()
+        return True
+
+    def _scan(self) -> None:
+        """Learn the protected domains and their states; form groups."""
+        assert self.conn is not None
+        members: dict[str, list[tuple[str, prot.Protection, str]]] = {}
+        problems: dict[str, str] = {}
+        for dom in self.conn.listAllDomains(0):
+            try:
+                xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            except libvirt.libvirtError:
+                continue
+            name = dom.name()
+            try:
+                p = prot.from_xml(xml)
+            except CgrepError as exc:
+                problems[name] = str(exc)
+                continue
+            st = dom.state()[0]
+            state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
+            members.setdefault(p.group or name, []).append((name, p, state))
+        specs: dict[str, GroupSpec] = {}
+        for gname, ms in members.items():
+            ms.sort()
+            first = ms[0][1]
+            problem = None
+            if any((m[1].target, m[1].rpo, m[1].fence) != (first.target, first.rpo, first.fence) for m in ms):
+                problem = "members disagree on target, RPO or fence"
+            specs[gname] = GroupSpec(gname, tuple(m[0] for m in ms), first, tuple(m[2] for m in ms), problem)
+        for gname, spec in specs.items():
+            rt = self.groups.get(gname)
+            if rt is None:
+                self.groups[gname] = Runtime(spec)
+                log.info(
+                    "protecting %s: %s -> %s, RPO %s",
+                    gname,
+                    ",".join(spec.members),
+                    first_target(spec),
+                    rpo.format_duration(spec.protection.rpo),
+                )
+            else:
+                if first_target(rt.spec) != first_target(spec) or rt.spec.members != spec.members:
+                    rt.known = False  # target or membership changed: learn the newest point again
+                rt.spec = spec
+        for gname in list(self.groups):
+            if gname not in specs and self.groups[gname].future is None:
+                log.info("no longer protected: %s", gname)
+                del self.groups[gname]
+        self.db.drop_groups_except(list(self.groups))
+        for name, why in problems.items():
+            log.warning("%s: %s", name, why)
+        self.last_scan = time.monotonic()
+
+    # ------------------------------------------------------------ children
+    def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with self.children_lock:
+            self.children.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        finally:
+            with self.children_lock:
+                self.children.discard(proc)
+        return proc.returncode, out, err
+
+    def _cli(self) -> list[str]:
+        return [sys.executable, "-m", "libvirt_cgrep", "-c", self.cfg.uri]
+
+    def _probe(self, spec: GroupSpec) -> dict[str, Any]:
+        rc, out, err = self._child([*self._cli(), "points", first_target(spec), "--set", spec.name, "--json"], 120)
+        if rc == 0:
+            pts = json.loads(out)
+            return {"ok": True, "newest": pts[-1] if pts else None}
+        if rc == 65 and "not a libvirt-cgrep replica target" in err:
+            return {"ok": True, "newest": None}
+        return {"ok": False, "error": _last_line(err) or f"exit {rc}"}
+
+    def _cycle(self, spec: GroupSpec) -> dict[str, Any]:
+        p = spec.protection
+        argv = [
+            *self._cli(),
+            "sync",
+            *spec.members,
+            "--target",
+            p.target,
+            "--set",
+            spec.name,
+            "--fence",
+            p.fence,
+            "--keep",
+            str(p.keep),
+            "--json",
+        ]
+        if p.keep_hourly:
+            argv += ["--keep-hourly", str(p.keep_hourly)]
+        if p.keep_daily:
+            argv += ["--keep-daily", str(p.keep_daily)]
+        started = time.time()
+        rc, out, err = self._child(argv, max(600.0, 10 * p.rpo))
+        ended = time.time()
+        if rc == 0:
+            return {"ok": True, "result": json.loads(out), "started": started, "ended": ended}
+        return {"ok": False, "error": _last_line(err) or f"exit {rc}", "started": started, "ended": ended}
+
+    # ------------------------------------------------------------ the loop
+    def tick(self) -> None:
+        now = _now()
+        for rt in self.groups.values():
+            self._collect(rt, now)
+            spec = rt.spec
+            paused = all(s == "shutoff" for s in spec.member_states)
+            view = rpo.GroupView(
+                rpo=spec.protection.rpo,
+                newest=rt.newest_time,
+                durations=tuple(rt.durations),
+                failures=rt.failures,
+                last_failure=rt.last_failure,
+                running_since=rt.running_since,
+                paused=paused,
+            )
+            if not rt.known and rt.probe is None:
+                rt.probe = self.pool.submit(self._probe, spec)
+            state = rpo.classify(view, now) if rt.known else "unknown"
+            if rt.known and state not in ("violated", "paused") and rt.failures:
+                state = "error" if state == "ok" else state
+            self._transition(rt, state, now)
+            rt.next_run = rpo.next_start(view, now, self.cfg.margin)
+            due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
+            blocked = spec.problem or (
+                "member "
+                + ", ".join(m for m, s in zip(spec.members, spec.member_states, strict=True) if s != "running")
+                + " is not running: no partial group point"
+                if any(s != "running" for s in spec.member_states) and not paused
+                else None
+            )
+            if due and blocked:
+                if rt.last_error != blocked:
+                    log.warning("%s: %s", spec.name, blocked)
+                rt.last_error = blocked
+                due = False
+            if due and self.running_cycles < self.cfg.concurrency:
+                self.running_cycles += 1
+                rt.running_since = now
+                rt.future = self.pool.submit(self._cycle, spec)
+            self._save(rt, now)
+
+    def _collect(self, rt: Runtime, now: datetime) -> None:
+        if rt.probe is not None and rt.probe.done():
+            res = rt.probe.result()
+            rt.probe = None
+            if res["ok"]:
+                rt.known = True
+                newest = res["newest"]
+                rt.newest_id = newest["id"] if newest else None
+                rt.newest_time = _parse_utc(newest["time_utc"]) if newest else None
+            else:
+                rt.last_error = res["error"]
+                rt.known = True  # unknown newest: treat as none, cycles will tell
+                rt.failures += 1
+                rt.last_failure = now
+        if rt.future is not None and rt.future.done():
+            res = rt.future.result()
+            rt.future = None
+            rt.running_since = None
+            self.running_cycles -= 1
+            duration = res["ended"] - res["started"]
+            if res["ok"]:
+                r = res["result"]
+                rt.newest_id = r["point_id"]
+                rt.newest_time = _parse_utc(r["time_utc"])
+                rt.failures = 0
+                rt.last_error = None
+                rt.last_duration = duration
+                rt.last_bytes = int(r["bytes_shipped"])
+                rt.durations = [*rt.durations[-(rpo.HISTORY - 1) :], duration]
+                self.db.add_cycle(
+                    rt.spec.name,
+                    started=res["started"],
+                    ended=res["ended"],
+                    ok=True,
+                    point_id=r["point_id"],
+                    nbytes=r["bytes_shipped"],
+                    changed=r["changed_bytes"],
+                    hold_ms=r.get("fence_ms"),
+                    error=None,
+                )
+                self._observe(rt.spec.name, duration, int(r["bytes_shipped"]), ok=True)
+            else:
+                rt.failures += 1
+                rt.last_failure = now
+                rt.last_error = res["error"]
+                log.warning("%s: cycle failed (%d in a row): %s", rt.spec.name, rt.failures, res["error"])
+                self.db.add_cycle(
+                    rt.spec.name,
+                    started=res["started"],
+                    ended=res["ended"],
+                    ok=False,
+                    point_id=None,
+                    nbytes=None,
+                    changed=None,
+                    hold_ms=None,
+                    error=res["error"],
+                )
+                self._observe(rt.spec.name, duration, 0, ok=False)
+
+    def _transition(self, rt: Runtime, state: str, now: datetime) -> None:
+        if state == rt.state:
+            return
+        for edge in rpo.alert_edges(rt.state, state):
+            age = rpo.age(rpo.GroupView(rt.spec.protection.rpo, rt.newest_time), now)
+            msg = (
+                f"newest point {rt.newest_id or 'none'} is "
+                + (f"{age:.1f} s old" if age is not None else "missing")
+                + f", RPO {rpo.format_duration(rt.spec.protection.rpo)}"
+                + (f"; last error: {rt.last_error}" if rt.last_error and edge.kind != "rpo-restored" else "")
+            )
+            alert = Alert(edge.kind, rt.spec.name, state, msg, now)
+            self.db.add_alert(rt.spec.name, edge.kind, now.timestamp(), msg)
+            self.sink.deliver(alert)
+            if self.metrics is not None and edge.kind == "rpo-violated":
+                self.metrics["violations"].labels(rt.spec.name).inc()
+        rt.state = state
+
+    def _save(self, rt: Runtime, now: datetime) -> None:
+        self.db.upsert_group(
+            GroupRow(
+                name=rt.spec.name,
+                members=rt.spec.members,
+                target=first_target(rt.spec),
+                rpo=float(rt.spec.protection.rpo),
+                state=rt.state,
+                newest_point=rt.newest_id,
+                newest_time=rt.newest_time.timestamp() if rt.newest_time else None,
+                next_run=rt.next_run.timestamp() if rt.next_run else None,
+                failures=rt.failures,
+                last_error=rt.last_error,
+                last_duration=rt.last_duration,
+                last_bytes=rt.last_bytes,
+                updated=now.timestamp(),
+            )
+        )
+        if self.metrics is not None:
+            m = self.metrics
+            m["rpo"].labels(rt.spec.name).set(rt.spec.protection.rpo)
+            if rt.newest_time is not None:
+                m["age"].labels(rt.spec.name).set((now - rt.newest_time).total_seconds())
+
+    def _observe(self, group: str, duration: float, nbytes: int, *, ok: bool) -> None:
+        if self.metrics is None:
+            return
+        self.metrics["duration"].labels(group).observe(duration)
+        if ok:
+            self.metrics["bytes"].labels(group).inc(nbytes)
+        else:
+            self.metrics["failures"].labels(group).inc()
+
+    def start_metrics(self) -> None:
+        if not self.cfg.metrics:
+            return
+        import prometheus_client as pc
+
+        host, _, port = self.cfg.metrics.rpartition(":")
+        reg = pc.CollectorRegistry()
+        self.metrics = {
+            "age": pc.Gauge("cgrep_newest_point_age_seconds", "Age of the newest committed point", ["group"], registry=reg),
+            "rpo": pc.Gauge("cgrep_rpo_seconds", "Recovery point objective", ["group"], registry=reg),
+            "duration": pc.Histogram(
+                "cgrep_cycle_duration_seconds",
+                "Cycle duration",
+                ["group"],
+                registry=reg,
+                buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+            ),
+            "bytes": pc.Counter("cgrep_bytes_shipped", "Bytes shipped", ["group"], registry=reg),
+            "violations": pc.Counter("cgrep_rpo_violations", "RPO violations", ["group"], registry=reg),
+            "failures": pc.Counter("cgrep_cycle_failures", "Failed cycles", ["group"], registry=reg),
+        }
+        pc.start_http_server(int(port), addr=host or "127.0.0.1", registry=reg)
+        log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
+
+    def _spool(self) -> None:
+        spool = Path(self.cfg.spool)
+        if not spool.is_dir():
+            return
+        try:
+            from libvirt_cgrep import hooks
+        except ImportError:
+            return
+        events = hooks.read_spool(spool)
+        if events:
+            for e in events:
+                log.info("hook: %s %s", e.domain, e.op)
+            hooks.consume(spool, events)
+            self.dirty.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; SIGHUP rescans (and the caller reloads the config)."""
+        _start_event_loop()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self.start_metrics()
+        while not self.stopping:
+            if self._connect() and (self.dirty.is_set() or time.monotonic() - self.last_scan > self.cfg.rescan):
+                self.dirty.clear()
+                try:
+                    self._scan()
+                except libvirt.libvirtError as exc:
+                    log.warning("scan failed: %s", exc.get_error_message())
+                    self.conn = None
+            if self.reload and self.reloader is not None:
+                self.reload = False
+                try:
+                    cfg, self.sink = self.reloader()
+                    self.cfg = replace(cfg, concurrency=self.cfg.concurrency, metrics=self.cfg.metrics)
+                    log.info("configuration reloaded (concurrency and metrics apply at restart)")
+                except CgrepError as exc:
+                    log.error("reload failed, keeping the old configuration: %s", exc)
+            self._spool()
+            self.tick()
+            self.dirty.wait(self.cfg.tick)
+        return self._shutdown()
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        log.info("signal %d: finishing running cycles (up to %.0f s), then stopping", signum, self.cfg.stop_timeout)
+        self.stopping = True
+        self.dirty.set()
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        log.info("SIGHUP: reloading the configuration and rescanning")
+        self.reload = True
+        self.dirty.set()
+
+    def _shutdown(self) -> int:
+        end = time.monotonic() + self.cfg.stop_timeout
+        while any(rt.future is not None for rt in self.groups.values()) and time.monotonic() < end:
+            time.sleep(0.1)
+            for rt in self.groups.values():
+                self._collect(rt, _now())
+        with self.children_lock:
+            for proc in list(self.children):
+                log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGTERM)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        return 0
+
+
+def first_target(spec: GroupSpec) -> str:
+    return spec.protection.target
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("{")]
+    return lines[-1].removeprefix("virt-cgrep: error: ") if lines else ""

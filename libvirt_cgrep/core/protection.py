@@ -1,0 +1,110 @@
+"""A domain's protection settings, as stored in its libvirt metadata. Pure.
+
+The element lives under our own namespace, so a domain without it is never
+touched by the agent::
+
+    <cgrep:protection xmlns:cgrep="urn:x-libvirt-cgrep:protection:1"
+        target="/srv/replica" rpo="300" group="app1" keep="24" keep-hourly="0"
+        keep-daily="0" fence="none" app-consistent="no" mode="snapshot"/>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+from lxml import etree
+
+from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.core.rpo import MAX_RPO, MIN_RPO
+from libvirt_cgrep.errors import UsageError
+
+NS = "urn:x-libvirt-cgrep:protection:1"
+PREFIX = "cgrep"
+FENCES = ("none", "suspend")
+MODES = ("snapshot",)
+
+
+@dataclass(frozen=True)
+class Protection:
+    target: str
+    rpo: int
+    group: str | None = None
+    keep: int = 24
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    fence: str = "none"
+    app_consistent: bool = False
+    mode: str = "snapshot"
+
+    def __post_init__(self) -> None:
+        if not MIN_RPO <= self.rpo <= MAX_RPO:
+            raise UsageError(f"RPO {self.rpo}s out of range")
+        if self.group is not None:
+            validate_name(self.group, "group name")
+        if self.fence not in FENCES:
+            raise UsageError(f"invalid fence {self.fence!r}")
+        if self.mode not in MODES:
+            raise UsageError(f"invalid mode {self.mode!r}: this release supports {', '.join(MODES)}")
+        for v in (self.keep, self.keep_hourly, self.keep_daily):
+            if not 0 <= v <= 100_000:
+                raise UsageError("retention counts must be between 0 and 100000")
+        if self.keep < 1 and not (self.keep_hourly or self.keep_daily):
+            raise UsageError("retention must keep at least one point")
+
+    def to_xml(self) -> str:
+        attrs = {
+            "target": self.target,
+            "rpo": str(self.rpo),
+            "keep": str(self.keep),
+            "keep-hourly": str(self.keep_hourly),
+            "keep-daily": str(self.keep_daily),
+            "fence": self.fence,
+            "app-consistent": "yes" if self.app_consistent else "no",
+            "mode": self.mode,
+        }
+        if self.group:
+            attrs["group"] = self.group
+        body = " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items())
+        return f"<protection {body}/>"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "rpo": self.rpo,
+            "group": self.group,
+            "keep": self.keep,
+            "keep_hourly": self.keep_hourly,
+            "keep_daily": self.keep_daily,
+            "fence": self.fence,
+            "app_consistent": self.app_consistent,
+            "mode": self.mode,
+        }
+
+
+def from_xml(xml: str) -> Protection:
+    """Parse our metadata element (UsageError if it is malformed)."""
+    try:
+        el = etree.fromstring(xml.encode())
+        return Protection(
+            target=el.get("target", ""),
+            rpo=int(el.get("rpo", "0")),
+            group=el.get("group") or None,
+            keep=int(el.get("keep", "24")),
+            keep_hourly=int(el.get("keep-hourly", "0")),
+            keep_daily=int(el.get("keep-daily", "0")),
+            fence=el.get("fence", "none"),
+            app_consistent=el.get("app-consistent", "no") == "yes",
+            mode=el.get("mode", "snapshot"),
+        )
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise UsageError(f"malformed protection metadata: {exc}") from exc
+
+
+def from_domain_xml(xml: str) -> Protection | None:
+    """Our element inside a full domain XML (as hooks see it), or None."""
+    root = etree.fromstring(xml.encode())
+    el = root.find(f"metadata/{{{NS}}}protection")
+    if el is None:
+        return None
+    return from_xml(etree.tostring(el).decode())
