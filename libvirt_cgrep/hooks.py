@@ -7,8 +7,11 @@ into the spool; the agent reads them with :func:`read_spool` and deletes them
 with :func:`consume`. Events are hints (the agent rescans anyway): a lost or
 repeated event costs a little latency, never correctness.
 
-libvirtd only runs hook scripts that existed when it started: after the first
-install, restart libvirtd (running guests keep running).
+libvirtd looks for hook scripts only when it starts and when it reloads: after
+the first install, reload it (``systemctl reload libvirtd``, i.e. SIGHUP, which
+keeps guests and client connections; measured with libvirt 9.0) or restart it
+(guests keep running, client connections drop). Later updates of the script's
+content need neither: libvirtd runs the file by path each time.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class InstallResult:
     changed: bool  # the script was written (new, different content or mode)
     spool_created: bool
     spool_mode_fixed: int | None  # the spool's old mode when it had to be chmod'ed to 0700
-    needs_restart: bool  # libvirtd must be restarted to notice a new hook script
+    needs_restart: bool  # libvirtd must be reloaded (SIGHUP) or restarted to notice a new hook script
 
     def as_dict(self) -> dict[str, object]:
         return {

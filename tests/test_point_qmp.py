@@ -8,8 +8,10 @@ Each VM is ``qemu-system-x86_64 -accel tcg`` with N qcow2 disks attached with
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,8 +25,9 @@ from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.qmp import QMPCommandError, QMPConnection, QMPOutcomeUnknown, cont
 from libvirt_cgrep.core.model import Guest, Transaction
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
+from libvirt_cgrep.engine.point import take_point
 from libvirt_cgrep.engine.qmp_backend import QMPBackend, file_node_name
-from libvirt_cgrep.errors import CutError, QMPError, UsageError
+from libvirt_cgrep.errors import CutError, QMPError, StateError, UsageError
 from libvirt_cgrep.lab.build import GuestArtifacts
 from libvirt_cgrep.lab.check import check_images
 from libvirt_cgrep.lab.domain import read_console, wait_for_ack
@@ -373,3 +376,212 @@ def test_qmp_adapter_errors(bare_vm: VMFactory, tmp_path: Path) -> None:
         assert q.execute("query-jobs") == []
         assert q.execute("query-status")["status"] == "prelaunch"
     assert file_node_name("a" * 31) == "a" * 29 + "-f"
+
+
+# ---------------------------------------------------------------- points through take_point and the CLI, folds
+
+
+def _cg_nodes(socket: str) -> set[str]:
+    return {n for n in _node_names(socket) if n.startswith("cg-")}
+
+
+def _node_of(socket: str, filename: str) -> str:
+    """The format node (not the file node) QEMU opened ``filename`` with."""
+    nodes = _query(socket, "query-named-block-nodes", {"flat": True})
+    (node,) = [n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"] == filename]
+    return str(node)
+
+
+def _running(socket: str) -> bool:
+    return bool(_query(socket, "query-status")["running"])
+
+
+def test_cli_point_with_suspend_fence(bare_vm: VMFactory) -> None:
+    vm = bare_vm(disks=4)
+    base = [sys.executable, "-m", "libvirt_cgrep", "point", "--backend", "qmp", "--qmp", vm.qmp, "--json"]
+    # Without a second monitor the fence cannot be guarded: refused before anything changes.
+    out = subprocess.run([*base, "--fence", "suspend"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 64, out.stderr
+    assert "second QMP monitor" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not _cg_nodes(vm.guardian) and sorted(vm.directory.glob("*.cgrep-*")) == []
+
+    ack_before = vm.last_ack()
+    out = subprocess.run(
+        [*base, "--guardian-qmp", vm.guardian, "--fence", "suspend"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert (res["backend"], res["fence"]) == ("qmp", "suspend")
+    assert isinstance(res["fence_ms"], float) and res["fence_ms"] > 0
+    disks = res["disks"]
+    assert [d["target"] for d in disks] == [_target(i) for i in range(4)]
+    assert [d["frozen_image"] for d in disks] == [str(p) for p in vm.images]
+    assert all(Path(d["active_image"]).exists() and d["active_image"] != d["frozen_image"] for d in disks)
+    verdict = check_images([Path(d["frozen_image"]) for d in disks])
+    assert verdict.consistent and verdict.max >= ack_before, verdict
+    assert _running(vm.guardian)
+    vm.progress()
+    print(f"\nCLI point, 4 disks, fence suspend: fence_ms {res['fence_ms']:.1f}, cut_ms {res['cut_ms']:.1f}")
+
+
+def test_take_point_suspend_in_process(bare_vm: VMFactory, backends: list[QMPBackend]) -> None:
+    vm = bare_vm(disks=4, name="susp")
+    b = QMPBackend(vm.qmp, guardian_socket=vm.guardian)
+    backends.append(b)
+    fences: list[float] = []
+    cuts: list[float] = []
+    consistent = 0
+    for _ in range(10):
+        ack_before = vm.last_ack()
+        pt = take_point([b], fence="suspend")
+        assert pt.fence_ms is not None
+        fences.append(pt.fence_ms)
+        cuts.append(pt.cut_ms)
+        verdict = check_images([Path(d.frozen_image) for g in pt.guests for d in g.disks])
+        consistent += verdict.consistent and verdict.max >= ack_before
+        assert b.discover().state == "running"
+    print(
+        f"\ntake_point fence=suspend over QMP, 4 disks: fence_ms median {statistics.median(fences):.1f} "
+        f"(min {min(fences):.1f}, max {max(fences):.1f}), cut_ms median {statistics.median(cuts):.1f}; "
+        f"consistent {consistent}/10"
+    )
+    assert consistent == 10
+    assert statistics.median(fences) < 200.0  # target 20 ms; generous on a shared TCG host
+    vm.progress()
+
+
+def test_fold_merges_layers_and_a_new_backend_folds_what_an_old_one_cut(bare_vm: VMFactory, backends: list[QMPBackend]) -> None:
+    vm = bare_vm(disks=2, name="fold")
+    targets = [_target(i) for i in range(2)]
+    bases = {t: str(p) for t, p in zip(targets, vm.images, strict=True)}
+    a = QMPBackend(vm.qmp, guardian_socket=vm.guardian)
+    backends.append(a)
+    assert a.record() == ("fold", None, "")
+    a.require_running()
+    fold_ms: list[float] = []
+
+    def timed_fold(b: QMPBackend, t: str, base: str, top: str) -> None:
+        t0 = time.monotonic()
+        b.fold(t, base, top)
+        fold_ms.append((time.monotonic() - t0) * 1000.0)
+
+    frozen: list[tuple[Path, ...]] = []
+    for _ in range(3):
+        vm.progress(30)
+        pt = take_point([a])
+        frozen.append(tuple(Path(d.frozen_image) for g in pt.guests for d in g.disks))
+    assert all(len(a.chain(t)) == 4 and a.chain(t)[-1] == bases[t] for t in targets)
+    before = check_images(frozen[2])
+    assert before.consistent
+
+    # 1. Fold the oldest overlay into the base: one layer merged away, its nodes and file removed.
+    for t in targets:
+        ch = a.chain(t)
+        merged = _node_of(vm.guardian, ch[-2])
+        timed_fold(a, t, ch[-1], ch[-2])
+        assert a.chain(t) == (*ch[:-2], ch[-1])
+        assert not Path(ch[-2]).exists()
+        assert qemu_img.chain(Path(ch[-3]))[0].backing == ch[-1]
+        assert not {merged, file_node_name(merged)} & _node_names(vm.guardian)
+        assert _running(vm.guardian)
+    assert len(_cg_nodes(vm.guardian)) == 2 * 2 * 2  # two overlays per disk left, each a qcow2 and a file node
+    assert check_images(frozen[2]) == before  # the newest frozen images read exactly as before
+
+    # 2. A process dies after prepare, before its cut: its overlays stay as nodes and files.
+    orphan = _plan(a.discover(), salt=99)
+    a.prepare(orphan)
+    a.close()
+    assert all(Path(x.overlay).exists() for x in orphan.actions)
+
+    # 3. A new backend (as a new process would) folds two layers the old one cut, and collects the orphans.
+    b = QMPBackend(vm.qmp, guardian_socket=vm.guardian)
+    backends.append(b)
+    take_point([b])
+    for t in targets:
+        ch = b.chain(t)
+        assert len(ch) == 4
+        timed_fold(b, t, ch[-1], ch[1])
+        assert b.chain(t) == (ch[0], ch[-1])
+        assert not Path(ch[1]).exists() and not Path(ch[2]).exists()
+    assert not any(Path(x.overlay).exists() for x in orphan.actions)
+    live = {_node_of(vm.guardian, b.chain(t)[0]) for t in targets}
+    assert _cg_nodes(vm.guardian) == live | {file_node_name(n) for n in live}
+    assert sorted(p.name for p in vm.directory.glob("*.cgrep-*")) == sorted(Path(b.chain(t)[0]).name for t in targets)
+    ack_before = vm.last_ack()
+    pt = take_point([b])
+    after = check_images([Path(d.frozen_image) for g in pt.guests for d in g.disks])
+    assert after.consistent and after.max >= ack_before > before.max
+
+    # 4. Refusals leave the chain as it is.
+    ch = b.chain("vda")
+    with pytest.raises(StateError, match="cannot fold"):
+        b.fold("vda", ch[-1], ch[0])  # the active image
+    with pytest.raises(StateError, match="cannot fold"):
+        b.fold("vda", ch[1], ch[-1])  # upside down
+    with pytest.raises(StateError, match="no disk vdz"):
+        b.chain("vdz")
+    # Someone else's slow commit job holds the chain: ours is refused, one line, chain unchanged.
+    top_node, frozen_node = _node_of(vm.guardian, ch[0]), _node_of(vm.guardian, ch[1])
+    with QMPConnection(vm.guardian) as other:  # the guardian monitor, as another client would
+        other.execute(
+            "block-commit", {"job-id": "other", "device": top_node, "top-node": frozen_node, "base-node": "disk0", "speed": 1}
+        )
+        with pytest.raises(QMPError, match="chain is unchanged") as info:
+            b.fold("vda", ch[-1], ch[1])
+        assert "\n" not in str(info.value)
+        assert b.chain("vda") == ch
+        other.execute("job-cancel", {"id": "other"})
+        deadline = time.monotonic() + 10
+        while any(j["id"] == "other" for j in other.execute("query-jobs")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert b.chain("vda") == ch and _running(vm.guardian)
+    timed_fold(b, "vda", ch[-1], ch[1])
+    assert b.chain("vda") == (ch[0], ch[-1])
+    assert _query(vm.guardian, "query-jobs") == []
+    vm.progress()
+    print(f"\nfold over QMP (block-commit + cleanup), 2 disks: {', '.join(f'{x:.0f}' for x in fold_ms)} ms")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fence", ["none", "suspend"])
+@pytest.mark.parametrize("ndisks", [2, 4, 8])
+def test_hundred_points(bare_vm: VMFactory, backends: list[QMPBackend], ndisks: int, fence: str) -> None:
+    """100 consecutive points, each checked on its frozen images; chains folded back to 2 every 10 points."""
+    vm = bare_vm(disks=ndisks, name=f"hundred{ndisks}")
+    b = QMPBackend(vm.qmp, guardian_socket=vm.guardian)
+    backends.append(b)
+    targets = [_target(i) for i in range(ndisks)]
+    consistent = 0
+    holds: list[float] = []
+    cuts: list[float] = []
+    folds: list[float] = []
+    maxima: list[int] = []
+    t_start = time.monotonic()
+    for i in range(1, 101):
+        ack_before = vm.last_ack()
+        pt = take_point([b], fence=fence)
+        cuts.append(pt.cut_ms)
+        if pt.fence_ms is not None:
+            holds.append(pt.fence_ms)
+        verdict = check_images([Path(d.frozen_image) for g in pt.guests for d in g.disks])
+        consistent += verdict.consistent and verdict.max >= ack_before
+        maxima.append(verdict.max)
+        if i % 10 == 0:
+            t0 = time.monotonic()
+            for t in targets:
+                ch = b.chain(t)
+                assert len(ch) == 11
+                b.fold(t, ch[-1], ch[1])
+                assert len(b.chain(t)) == 2
+            folds.append((time.monotonic() - t0) * 1000.0)
+    assert _running(vm.guardian)
+    assert len(list(vm.directory.glob("*.cgrep-*"))) == ndisks
+    hold = f", hold median {statistics.median(holds):.1f} ms (max {max(holds):.1f})" if holds else ""
+    print(
+        f"\n{ndisks} disks, fence {fence}: consistent {consistent}/100, cut median {statistics.median(cuts):.1f} ms{hold}, "
+        f"fold of 10 layers x {ndisks} disks median {statistics.median(folds):.0f} ms, total {time.monotonic() - t_start:.0f} s"
+    )
+    assert consistent == 100
+    assert maxima == sorted(maxima)
+    vm.progress()

@@ -26,6 +26,7 @@ class AgentConfig:
     alert_command: tuple[str, ...] = ()
     metrics: str = ""
     log_level: str = "info"
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -57,6 +58,8 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentCon
         if not (isinstance(cmd, list) and all(isinstance(x, str) for x in cmd)):
             raise UsageError(f"{path}: alert_command must be a list of strings (argv, never a shell line)")
         data["alert_command"] = tuple(cmd)
+    if "only" in data:
+        data["only"] = tuple(data["only"])
     try:
         cfg = AgentConfig(**data)
     except TypeError as exc:

@@ -158,7 +158,10 @@ class Agent:
                 continue
             st = dom.state()[0]
             state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
-            members.setdefault(p.group or name, []).append((name, p, state))
+            gname = p.group or name
+            if self.cfg.only and gname not in self.cfg.only:
+                continue
+            members.setdefault(gname, []).append((name, p, state))
         specs: dict[str, GroupSpec] = {}
         for gname, ms in members.items():
             ms.sort()

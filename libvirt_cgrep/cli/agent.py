@@ -69,6 +69,7 @@ def register(sub: Any) -> None:
     a.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on ADDR (host:port; loopback by default)")
     a.add_argument("--concurrency", metavar="N", help="at most N cycles at once (default 2)")
     a.add_argument("--alerts-file", metavar="FILE", help="append alerts as JSON lines to FILE")
+    a.add_argument("--only", action="append", metavar="GROUP", help="manage only these groups (repeatable; default: all)")
     a.set_defaults(func=cmd_agent)
 
     s = sub.add_parser(
@@ -146,6 +147,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "concurrency": parse_count(args.concurrency, "--concurrency", 1, 64) if args.concurrency else None,
         "alerts_file": args.alerts_file,
         "state_dir": str(args.state_dir) if args.state_dir else None,
+        "only": tuple(validate_name(g, "group name") for g in args.only) if args.only else None,
     }
 
     def load() -> tuple[config.AgentConfig, AlertSink]:

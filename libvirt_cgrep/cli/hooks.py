@@ -10,7 +10,10 @@ from libvirt_cgrep import hooks
 from libvirt_cgrep.cli.output import emit_json
 from libvirt_cgrep.errors import EXIT_OK
 
-RESTART_NOTE = "restart libvirtd so it notices the new hook (hooks are read at daemon start); running guests keep running"
+RESTART_NOTE = (
+    "reload or restart libvirtd so it notices the new hook (hooks are read at daemon start and on reload): "
+    "'systemctl reload libvirtd' or SIGHUP keeps guests and connections; a restart keeps guests"
+)
 
 
 def register(sub: Any) -> None:
@@ -51,8 +54,8 @@ def register(sub: Any) -> None:
         help="install or update the hook and create the spool",
         description=(
             "Write the hook script (mode 0755, atomically) with the spool path baked in, create the spool "
-            "(mode 0700, or fix its mode). Idempotent. libvirtd runs only hook scripts that existed when it "
-            "started: after the first install, restart libvirtd."
+            "(mode 0700, or fix its mode). Idempotent. libvirtd looks for hook scripts when it starts and "
+            "when it reloads: after the first install, reload (SIGHUP) or restart libvirtd."
         ),
     )
     common(i, spool=True)
@@ -120,7 +123,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     mode = "-" if st.spool_mode is None else f"{st.spool_mode:04o}"
     print(f"hook:       {st.script}")
     print(f"installed:  {_yes(st.installed)}")
-    print(f"up to date: {_yes(st.up_to_date)}" + ("" if st.up_to_date or not st.installed else " (run 'virt-cgrep hooks install')"))
+    print(
+        f"up to date: {_yes(st.up_to_date)}" + ("" if st.up_to_date or not st.installed else " (run 'virt-cgrep hooks install')")
+    )
     print(f"spool:      {st.spool}")
     print(f"spool ok:   {_yes(st.spool_ok)} (exists: {_yes(st.spool_exists)}, mode {mode})")
     print(f"pending:    {st.pending}")

@@ -80,9 +80,15 @@ class GroupView:
 
 
 def predict(durations: Sequence[float]) -> float:
-    """Predicted cycle duration: the slowest of the recent ones (default 5 s before any)."""
+    """Predicted cycle duration: the slowest of the recent ones, and at least 5 s until 3 are known.
+
+    (The first cycles are unrepresentative: the seed ships little of what a
+    later cycle ships, so a young history must not make the schedule late.)
+    """
     recent = list(durations)[-HISTORY:]
-    return max(recent) if recent else DEFAULT_PREDICTION
+    if len(recent) < 3:
+        return max([DEFAULT_PREDICTION, *recent])
+    return max(recent)
 
 
 def backoff(failures: int, rpo: float) -> float:

@@ -497,17 +497,17 @@ class QMPBackend:
                 log.info("%s: %s was merged away but is not an overlay of ours: left alone", where, node)
         garbage = []
         for n in nodes:
-            node, filename = str(n.get("node-name")), str(n.get("file") or "")
-            proto = by_name.get(file_node_name(node))
+            node = str(n.get("node-name"))
+            proto = by_name.get(file_node_name(node)) or {}
+            # The file node names the file: a format node added with "backing": null reports a json: filename.
+            filename = str(proto.get("file") or "")
             if (
                 _OUR_NODE.match(node)
                 and n.get("drv") not in _PROTOCOLS
                 and node not in self._made
+                and proto.get("drv") == "file"
                 and filename not in live
                 and _OUR_FILE.search(filename)
-                and proto is not None
-                and proto.get("drv") == "file"
-                and proto.get("file") == filename
             ):
                 garbage.append((len(_chain_of(n.get("image"))), node, filename))
         for _, node, filename in sorted(garbage, reverse=True):
