@@ -62,7 +62,7 @@ def start_agent(d: Path, group: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "libvirt_cgrep", "agent", "--config", str(d / "agent.toml"), "--only", group],
         stdout=subprocess.DEVNULL,
-        stderr=open(d / "agent.log", "ab"),  # noqa: SIM115
+        stderr=open(d / "agent.log", "ab"),
     )
 
 
@@ -119,7 +119,10 @@ def test_agent_holds_a_short_rpo(conn: libvirt.virConnect, lab_vm: LabFactory, a
     print(f"RPO 15 s for 60 s: {len(within)}/{len(samples[first_ok:])} samples within the RPO; states {set(samples)}")
     assert len(within) == len(samples[first_ok:])
     out = subprocess.run(
-        [sys.executable, "-m", "libvirt_cgrep", "verify", str(target), "--write-order", "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "libvirt_cgrep", "verify", str(target), "--write-order", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert all(v["ok"] for v in json.loads(out.stdout))
@@ -133,7 +136,9 @@ def test_agent_holds_a_short_rpo(conn: libvirt.virConnect, lab_vm: LabFactory, a
     assert len(cycles) >= 5 and all(c["ok"] for c in cycles)
 
 
-def test_unreachable_target_alerts_in_pairs(conn: libvirt.virConnect, lab_vm: LabFactory, agent_dir: Path, tmp_path: Path) -> None:
+def test_unreachable_target_alerts_in_pairs(
+    conn: libvirt.virConnect, lab_vm: LabFactory, agent_dir: Path, tmp_path: Path
+) -> None:
     vm = lab_vm(disks=1, tag="unr")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the target's parent directory should be")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from libvirt_cgrep.core import protection as prot
 from libvirt_cgrep.core import rpo
-from libvirt_cgrep.core.retention import Policy, PointTime, prune
+from libvirt_cgrep.core.retention import PointTime, Policy, prune
 from libvirt_cgrep.errors import UsageError
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
@@ -53,7 +54,7 @@ def test_classify() -> None:
 
 def test_alerts_are_paired_edges() -> None:
     seq = ["unknown", "violated", "violated", "ok", "at-risk", "at-risk", "violated", "paused", "ok"]
-    kinds = [e.kind for a, b in zip(seq, seq[1:], strict=False) for e in rpo.alert_edges(a, b)]
+    kinds = [e.kind for a, b in itertools.pairwise(seq) for e in rpo.alert_edges(a, b)]
     assert kinds == ["rpo-violated", "rpo-restored", "rpo-at-risk", "rpo-violated", "rpo-restored"]
     assert kinds.count("rpo-violated") == kinds.count("rpo-restored")
 

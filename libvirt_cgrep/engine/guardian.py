@@ -12,6 +12,8 @@ Protocol on its stdin/stdout (one word a line)::
     parent -> guardian   done           the parent resumed the guests itself
     guardian -> parent   fired          the deadline passed; the guardian resumed them
 
+SIGTERM, SIGHUP or SIGINT make it resume every guest at once and exit.
+
 Guest specs: ``libvirt:URI:DOMAIN`` or ``qmp:SOCKET``.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -69,8 +72,17 @@ def _resume_all(resumers: Sequence[Callable[[], None]]) -> None:
 
 
 def serve(specs: Sequence[str], deadline_ms: float, stdin: int, out: Callable[[str], None]) -> int:
-    """The guardian's loop; returns its exit status (0 released, 3 fired, 4 parent died)."""
+    """The guardian's loop; returns its exit status (0 released, 3 fired, 4 parent died, 5 signalled)."""
     resumers = [_resumer(s) for s in specs]
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Being told to stop (systemd stopping the agent's cgroup, an operator's kill)
+        # must never leave a guest paused: resume first, then go.
+        _resume_all(resumers)
+        os._exit(5)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
     out("ready")
     buf = b""
     deadline: float | None = None
