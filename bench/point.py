@@ -94,6 +94,10 @@ class Sample:
     cut_ms: float | None
     quiet_lat_ms: float | None
     cut_lat_ms: float | None
+    #: the method failed (its message); the round goes on with a fresh domain
+    error: str | None = None
+    #: after the method, the live and persistent definitions named different tops (target: live, persistent)
+    diverged: dict[str, tuple[str, str]] | None = None
 
     @property
     def extra_lat_ms(self) -> float | None:
@@ -117,6 +121,13 @@ class Ctx:
 
     def tops(self) -> dict[str, str]:
         return {d.target: d.image for d in disks_of(lv.live_xml(self.dom))}
+
+    def divergence(self) -> dict[str, tuple[str, str]] | None:
+        """Disks whose live top differs from the persistent definition's (None when all agree)."""
+        live = {d.target: d.image for d in disks_of(lv.live_xml(self.dom))}
+        conf = {d.target: d.image for d in disks_of(lv.persistent_xml(self.dom))}
+        bad = {t: (Path(live[t]).name, Path(conf.get(t, "?")).name) for t in live if live[t] != conf.get(t)}
+        return bad or None
 
     def depth(self) -> int:
         return max((len(d.chain) for d in disks_of(lv.live_xml(self.dom))), default=0)
@@ -215,6 +226,7 @@ class Timing:
 
 
 def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
+    """One timed call of ``method`` with its latency windows; failures are recorded, not raised."""
     if lv.state(ctx.dom) != "running":
         raise RuntimeError(f"{ctx.vm.name} is {lv.state(ctx.dom)} before {method} trial {trial}")
     time.sleep(timing.settle_s)
@@ -222,12 +234,23 @@ def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
     w.q0 = log_offset(ctx.log)
     time.sleep(timing.quiet_s)
     w.q1 = log_offset(ctx.log)
-    m = METHODS[method](ctx)
+    error = None
+    try:
+        m = METHODS[method](ctx)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        m = Measured(wall_ms=float("nan"))
+        print(f"  {method} trial {trial} FAILED: {error}", file=sys.stderr, flush=True)
     time.sleep(timing.tail_s)
     w.q2 = log_offset(ctx.log)
     if lv.state(ctx.dom) != "running":
         raise RuntimeError(f"{ctx.vm.name} is {lv.state(ctx.dom)} after {method} trial {trial}")
-    return Sample(method, trial, m.wall_ms, m.hold_ms, m.cut_ms, w.quiet_ms(), w.cut_ms())
+    diverged = ctx.divergence()
+    if diverged:
+        print(f"  {method} trial {trial}: live and persistent tops differ: {diverged}", file=sys.stderr, flush=True)
+    if error is not None:
+        return Sample(method, trial, m.wall_ms, None, None, w.quiet_ms(), None, error, diverged)
+    return Sample(method, trial, m.wall_ms, m.hold_ms, m.cut_ms, w.quiet_ms(), w.cut_ms(), None, diverged)
 
 
 @dataclass
@@ -250,13 +273,20 @@ def run_disks(
                 if t >= trials:
                     break
                 k = t % len(methods)
+                broken = False
                 for m in [*methods[k:], *methods[:k]]:
-                    out.samples[m].append(one_trial(ctx, m, t, timing))
-                wait_progress(ctx.log, records=5)
+                    s = one_trial(ctx, m, t, timing)
+                    out.samples[m].append(s)
+                    if s.error or s.diverged:
+                        broken = True  # the rest of this round runs on a fresh domain
+                        break
                 depth = ctx.depth()
                 out.depth_max = max(out.depth_max, depth)
                 print(f"  {disks} disks: round {t + 1}/{trials} done, chain depth {depth}", file=sys.stderr, flush=True)
                 t += 1
+                if broken:
+                    break
+                wait_progress(ctx.log, records=5)
     return out
 
 
@@ -266,6 +296,8 @@ def run_disks(
 def _vals(samples: Sequence[Sample], key: str) -> list[float]:
     out: list[float] = []
     for s in samples:
+        if s.error is not None:
+            continue
         v = s.extra_lat_ms if key == "extra_lat_ms" else getattr(s, key)
         if v is not None:
             out.append(float(v))
@@ -276,7 +308,11 @@ KEYS = ("wall_ms", "hold_ms", "cut_ms", "extra_lat_ms", "cut_lat_ms", "quiet_lat
 
 
 def summarize(samples: Sequence[Sample]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
+    out: dict[str, float | None] = {
+        "n": float(len(samples)),
+        "errors": float(sum(1 for s in samples if s.error)),
+        "diverged": float(sum(1 for s in samples if s.diverged)),
+    }
     for k in KEYS:
         xs = _vals(samples, k)
         out[f"{k}_median"] = median(xs)
@@ -317,13 +353,14 @@ COLS = (
 
 
 def table(results: Mapping[str, Mapping[str, Mapping[str, float | None]]], title: str) -> str:
-    head = "| disks | method | " + " | ".join(f"{c} med | {c} p90" for c, _ in COLS) + " | guest max lat cut/quiet |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (2 + 2 * len(COLS) + 1)]
+    head = "| disks | method | n | " + " | ".join(f"{c} med | {c} p90" for c, _ in COLS) + " | guest max lat cut/quiet | failed |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (3 + 2 * len(COLS) + 2)]
     for disks, per in results.items():
         for m, s in per.items():
             cells = [f"{fmt(s[f'{k}_median'])} | {fmt(s[f'{k}_p90'])}" for _, k in COLS]
             lat = f"{fmt(s['cut_lat_ms_median'])} / {fmt(s['quiet_lat_ms_median'])}"
-            lines.append(f"| {disks} | {m} | " + " | ".join(cells) + f" | {lat} |")
+            failed = f"{fmt(s['errors'], 0)} err, {fmt(s['diverged'], 0)} diverged"
+            lines.append(f"| {disks} | {m} | {fmt(s['n'], 0)} | " + " | ".join(cells) + f" | {lat} | {failed} |")
     lines += [
         "",
         "All times in ms, median and p90 over the trials. wall: the whole call as the caller sees it; hold: host-measured",

@@ -214,3 +214,26 @@ def test_refusals_change_nothing(conn: libvirt.virConnect, lab_vm: LabFactory, t
     assert after["vdz"] == str(raw) and after["vda"] != before["vda"]
     dom.destroy()
     assert run(["-c", URI, "point", vm.name]) == 66
+
+
+def test_group_point_holds_all_guests_once(conn: libvirt.virConnect, lab_vm: LabFactory) -> None:
+    """Several domains: paused in parallel under one guardian, each cut by its own transaction, all resumed."""
+    vms = [lab_vm(disks=2, tag=f"grp{i}") for i in range(2)]
+    assert run(["-c", URI, "point", vms[0].name, vms[1].name]) == 64  # a group needs a fence
+    for _ in range(3):
+        acked = [wait_progress(vm.directory / "console.log", records=10) for vm in vms]
+        out = subprocess.run(
+            [sys.executable, "-m", "libvirt_cgrep", "-c", URI, "point", *(v.name for v in vms), "--fence", "suspend", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)
+        assert {d["name"] for d in res["domains"]} == {v.name for v in vms} and res["fence_ms"] > 0
+        for vm, a in zip(vms, acked, strict=True):
+            frozen = [Path(d["frozen_image"]) for d in res["disks"] if d["domain"] == vm.name]
+            verdict = check_images(frozen)
+            assert verdict.consistent and verdict.max >= a
+        print(f"2 VMs x 2 disks: group hold {res['fence_ms']:.0f} ms")
+    assert all(labdom.get(conn, v.name).state == "running" for v in vms)

@@ -235,7 +235,7 @@ def test_sigkill_during_fold(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_p
     target = str(root)
     first = seed(conn, vm, target)
     write_for(vm, 100)
-    bg = BackgroundSync(vm.name, target, env={"CGREP_FAULT_BEFORE_FOLD_MS": "20000"})
+    bg = BackgroundSync(vm.name, target, env={"CGREP_FAULT_BEFORE_FOLD_MS": "60000"})
     try:
         deadline = time.monotonic() + 60
         while len(ids := point_ids(target)) < 2:

@@ -94,6 +94,7 @@ class Runtime:
     state: str = "unknown"
     durations: list[float] = field(default_factory=list)
     next_run: datetime | None = None
+    reprobe: bool = False
 
 
 class Agent:
@@ -110,10 +111,13 @@ class Agent:
         self.children: set[subprocess.Popen[str]] = set()
         self.children_lock = threading.Lock()
         self.conn: libvirt.virConnect | None = None
+        self.disconnected_since: float | None = None
         self.dirty = threading.Event()
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
+        # A violation an earlier run raised (then was killed or stopped) stays open: its rpo-restored is still owed.
+        self.open_violations = {g.name for g in db.groups() if g.state == "violated"}
         self.metrics: Any = None
 
     # ------------------------------------------------------------ libvirt
@@ -122,11 +126,15 @@ class Agent:
             with contextlib.suppress(libvirt.libvirtError):
                 if self.conn.isAlive():
                     return True
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.close()
             self.conn = None
         try:
             conn = libvirt.open(self.cfg.uri)
         except libvirt.libvirtError as exc:
-            log.warning("cannot connect to %s: %s", self.cfg.uri, exc.get_error_message())
+            if self.disconnected_since is None:  # once per outage, not once per tick
+                self.disconnected_since = time.monotonic()
+                log.warning("cannot connect to %s: %s (retrying)", self.cfg.uri, exc.get_error_message())
             return False
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(2, 3)
@@ -136,7 +144,11 @@ class Agent:
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, mark, None)
         conn.registerCloseCallback(lambda *a: self.dirty.set(), None)
         self.conn = conn
-        log.info("connected to %s", self.cfg.uri)
+        if self.disconnected_since is not None:
+            log.info("connected to %s (after %.1f s without)", self.cfg.uri, time.monotonic() - self.disconnected_since)
+            self.disconnected_since = None
+        else:
+            log.info("connected to %s", self.cfg.uri)
         self.dirty.set()
         return True
 
@@ -173,7 +185,8 @@ class Agent:
         for gname, spec in specs.items():
             rt = self.groups.get(gname)
             if rt is None:
-                self.groups[gname] = Runtime(spec)
+                self.groups[gname] = Runtime(spec, state="violated" if gname in self.open_violations else "unknown")
+                self.open_violations.discard(gname)
                 log.info(
                     "protecting %s: %s -> %s, RPO %s",
                     gname,
@@ -269,7 +282,8 @@ class Agent:
             state = rpo.classify(view, now) if rt.known else "unknown"
             if rt.known and state not in ("violated", "paused") and rt.failures:
                 state = "error" if state == "ok" else state
-            self._transition(rt, state, now)
+            if rt.known:  # no edge out of an inherited state before the newest point is known
+                self._transition(rt, state, now)
             rt.next_run = rpo.next_start(view, now, self.cfg.margin)
             due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
             blocked = spec.problem or (
@@ -294,11 +308,14 @@ class Agent:
         if rt.probe is not None and rt.probe.done():
             res = rt.probe.result()
             rt.probe = None
+            rt.reprobe, reprobe = False, rt.reprobe
             if res["ok"]:
                 rt.known = True
                 newest = res["newest"]
                 rt.newest_id = newest["id"] if newest else None
                 rt.newest_time = _parse_utc(newest["time_utc"]) if newest else None
+            elif reprobe:
+                rt.known = True  # keep what we knew; the failure was counted with its cycle
             else:
                 rt.last_error = res["error"]
                 rt.known = True  # unknown newest: treat as none, cycles will tell
@@ -336,6 +353,9 @@ class Agent:
                 rt.last_failure = now
                 rt.last_error = res["error"]
                 log.warning("%s: cycle failed (%d in a row): %s", rt.spec.name, rt.failures, res["error"])
+                # it may have failed after committing its point (e.g. while folding): ask the target before going on
+                rt.known = False
+                rt.reprobe = True
                 self.db.add_cycle(
                     rt.spec.name,
                     started=res["started"],
@@ -387,6 +407,8 @@ class Agent:
         )
         if self.metrics is not None:
             m = self.metrics
+            for family in ("duration", "bytes", "violations", "failures"):
+                m[family].labels(rt.spec.name)  # every group's series exists from the start (at 0)
             m["rpo"].labels(rt.spec.name).set(rt.spec.protection.rpo)
             if rt.newest_time is not None:
                 m["age"].labels(rt.spec.name).set((now - rt.newest_time).total_seconds())
@@ -464,6 +486,8 @@ class Agent:
                     log.error("reload failed, keeping the old configuration: %s", exc)
             self._spool()
             self.tick()
+            if self.conn is None:
+                self.dirty.clear()  # no rescan without libvirtd (reconnecting marks it again): do not spin
             self.dirty.wait(self.cfg.tick)
         return self._shutdown()
 

@@ -94,8 +94,8 @@ def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
             from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 
             uri = args.connect or lv.default_uri()
-            conn = lv.connect(uri)
-            out.extend(LibvirtBackend(conn, n, uri) for n in names)
+            # One connection per domain: several guests are paused, cut and resumed in parallel.
+            out.extend(LibvirtBackend(lv.connect(uri), n, uri) for n in names)
         yield out
     finally:
         for b in out:

@@ -15,16 +15,21 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from libvirt_cgrep.core.model import GuestCut, PointResult, Transaction
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
 from libvirt_cgrep.engine.backend import Backend
 from libvirt_cgrep.engine.guardian import Guardian
 from libvirt_cgrep.errors import FenceError, StateError, UsageError
+
+T = TypeVar("T")
 
 FENCES = ("none", "suspend")
 #: Test-only fault injection: sleep this long inside the hold (after the pause).
@@ -53,26 +58,30 @@ def take_point(
             raise StateError(f"{g.kind} guest {g.name!r} is {g.state}; a point needs a running guest")
     if targets and len(guests) > 1:
         raise UsageError("--disks selects disks of one domain; give one domain")
+    if len(guests) > 1 and fence == "none":
+        raise UsageError("several guests form one consistent cut only while all are held: use --fence suspend")
     selections = [(g, select_disks(g, targets)) for g in guests]
     cut_time = now()
     plan = plan_cut(point_id(cut_time), selections)
 
     prepared: list[tuple[Backend, Transaction]] = []
-    cuts: list[GuestCut] = []
+    done: dict[int, GuestCut] = {}
     try:
         for b, txn in zip(backends, plan.transactions, strict=True):
             b.prepare(txn)
             prepared.append((b, txn))
-        fence_ms = None if fence == "none" else _hold_and_cut(prepared, cuts, deadline_ms, clock)
+        fence_ms = None if fence == "none" else _hold_and_cut(prepared, done, deadline_ms, clock)
         if fence == "none":
-            _cut_all(prepared, cuts)
+            _cut_all(prepared, done)
     except BaseException:
         # Only what was prepared and not cut is removed: a guest that was cut keeps its overlay.
-        for b, txn in prepared[len(cuts) :]:
-            with contextlib.suppress(Exception):
-                b.discard(txn)
+        for i, (b, txn) in enumerate(prepared):
+            if i not in done:
+                with contextlib.suppress(Exception):
+                    b.discard(txn)
         raise
-    total = sum(c.cut_ms for c in cuts)
+    cuts = [done[i] for i in sorted(done)]
+    total = max(c.cut_ms for c in cuts)
     return PointResult(
         point_id=plan.point_id,
         time_utc=cut_time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
@@ -84,36 +93,57 @@ def take_point(
     )
 
 
-def _cut_all(prepared: Sequence[tuple[Backend, Transaction]], cuts: list[GuestCut]) -> None:
-    """Cut each guest in order, appending to ``cuts`` (so the caller knows how far it got)."""
-    for b, txn in prepared:
-        cuts.append(b.cut(txn))
+def _each(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run the calls at once (one thread each; inline for one) and return each result or exception."""
+    if len(calls) == 1:
+        try:
+            return [calls[0]()]
+        except BaseException as err:
+            return [err]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(c) for c in calls]
+    out: list[T | BaseException] = []
+    for f in futures:
+        exc = f.exception()
+        out.append(exc if exc is not None else f.result())
+    return out
+
+
+def _first_error(results: Sequence[object]) -> None:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _cut_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, GuestCut]) -> None:
+    """Cut every guest (in parallel: one transaction each); ``done`` records which succeeded."""
+    results = _each([functools.partial(b.cut, txn) for b, txn in prepared])
+    for i, r in enumerate(results):
+        if isinstance(r, GuestCut):
+            done[i] = r
+    _first_error(results)
 
 
 def _hold_and_cut(
-    prepared: Sequence[tuple[Backend, Transaction]], cuts: list[GuestCut], deadline_ms: float, clock: Callable[[], float]
+    prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, GuestCut], deadline_ms: float, clock: Callable[[], float]
 ) -> float:
-    """Pause every guest under an armed guardian, cut, resume; return the host-measured hold in ms."""
+    """Pause every guest (in parallel) under an armed guardian, cut, resume them all.
+
+    Returns the host-measured hold in ms: from before the first pause to after the last resume.
+    """
     specs = [s for b, _ in prepared for s in b.guardian_spec()]
     fault_ms = float(os.environ.get(FAULT_HOLD_SLEEP_ENV, "0") or 0)
     with Guardian(specs, deadline_ms) as guardian:
         guardian.arm()
         t0 = clock()
-        paused: list[Backend] = []
         try:
-            for b, _ in prepared:
-                paused.append(b)
-                b.pause()
+            _first_error(_each([b.pause for b, _ in prepared]))
             if fault_ms:
                 time.sleep(fault_ms / 1000.0)
-            _cut_all(prepared, cuts)
+            _cut_all(prepared, done)
         finally:
-            resumed = True
-            for b in paused:
-                try:
-                    b.resume()
-                except Exception:
-                    resumed = False
+            # Resume every guest, paused or not (resume is idempotent).
+            resumed = not any(isinstance(r, BaseException) for r in _each([b.resume for b, _ in prepared]))
             fence_ms = (clock() - t0) * 1000.0
             # If we could not resume a guest ourselves, the guardian does it.
             fired = guardian.release() if resumed else guardian.abandon()
