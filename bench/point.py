@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -98,6 +99,8 @@ class Sample:
     error: str | None = None
     #: after the method, the live and persistent definitions named different tops (target: live, persistent)
     diverged: dict[str, tuple[str, str]] | None = None
+    #: which domain (epoch) of the run the sample was taken on
+    epoch: int = -1
 
     @property
     def extra_lat_ms(self) -> float | None:
@@ -260,33 +263,53 @@ class DiskRun:
     depth_max: int = 0
 
 
-def run_disks(
-    conn: libvirt.virConnect, uri: str, disks: int, methods: Sequence[str], *, trials: int, timing: Timing, rounds_per_domain: int
-) -> DiskRun:
-    """``trials`` rounds of every method; a fresh domain every ``rounds_per_domain`` rounds keeps chains short."""
-    out = DiskRun(disks, {m: [] for m in methods})
-    t = 0
-    while t < trials:
-        with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
-            ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
-            for _ in range(rounds_per_domain):
-                if t >= trials:
-                    break
-                k = t % len(methods)
-                broken = False
-                for m in [*methods[k:], *methods[:k]]:
-                    s = one_trial(ctx, m, t, timing)
-                    out.samples[m].append(s)
-                    if s.error or s.diverged:
-                        broken = True  # the rest of this round runs on a fresh domain
-                        break
-                depth = ctx.depth()
-                out.depth_max = max(out.depth_max, depth)
-                print(f"  {disks} disks: round {t + 1}/{trials} done, chain depth {depth}", file=sys.stderr, flush=True)
-                t += 1
-                if broken:
-                    break
-                wait_progress(ctx.log, records=5)
+def run_rounds(ctx: Ctx, methods: Sequence[str], rounds: range, timing: Timing, out: DiskRun, *, label: str, epoch: int) -> None:
+    """Rounds ``rounds`` on ``ctx``'s domain; stops early when a method failed or left the definitions diverged."""
+    for t in rounds:
+        k = t % len(methods)
+        broken = False
+        for m in [*methods[k:], *methods[:k]]:
+            s = one_trial(ctx, m, t, timing)
+            s.epoch = epoch
+            out.samples[m].append(s)
+            if s.error or s.diverged:
+                broken = True
+                break
+        depth = ctx.depth()
+        out.depth_max = max(out.depth_max, depth)
+        print(f"  {label}: round {t + 1} done, chain depth {depth}", file=sys.stderr, flush=True)
+        if broken:
+            return  # the rest of this epoch is skipped; the next one starts on a fresh domain
+        wait_progress(ctx.log, records=5)
+
+
+def run_epochs(
+    targets: Mapping[str, tuple[libvirt.virConnect, str]],
+    disks: int,
+    methods: Sequence[str],
+    *,
+    trials: int,
+    timing: Timing,
+    rounds_per_domain: int,
+) -> dict[str, DiskRun]:
+    """``trials`` rounds of every method on every target (daemon).
+
+    A round runs each method once (rotating start). Every ``rounds_per_domain``
+    rounds (an epoch) a fresh domain replaces the old one, which keeps chains
+    short; with several targets, the epochs of the targets alternate (rotating
+    start), so that load changes on the machine hit every target alike. Only
+    one lab domain exists at a time.
+    """
+    out = {name: DiskRun(disks, {m: [] for m in methods}) for name in targets}
+    names = list(targets)
+    for e in range(math.ceil(trials / rounds_per_domain)):
+        rounds = range(e * rounds_per_domain, min(trials, (e + 1) * rounds_per_domain))
+        k = e % len(names)
+        for name in [*names[k:], *names[:k]]:
+            conn, uri = targets[name]
+            with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
+                ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
+                run_rounds(ctx, methods, rounds, timing, out[name], label=f"{name}, {disks} disks", epoch=e)
     return out
 
 
@@ -344,6 +367,35 @@ def ratios(summ: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | 
     return out
 
 
+def paired(samples: Mapping[str, Sequence[Sample]], a: str, b: str, key: str = "hold_ms") -> float | None:
+    """Median over rounds of ``a``'s ``key`` / ``b``'s in the same round (same domain, seconds apart)."""
+    by_round = {(s.epoch, s.trial): getattr(s, key) for s in samples.get(b, ()) if s.error is None}
+    rs = [
+        r
+        for s in samples.get(a, ())
+        if s.error is None and (r := ratio(getattr(s, key), by_round.get((s.epoch, s.trial)))) is not None
+    ]
+    return median(rs)
+
+
+def paired_ratios(samples: Mapping[str, Sequence[Sample]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for m in ("point-suspend", "bare-hold-preown", "point-suspend-plain", "point-suspend-preown"):
+        if m in samples and "bare-hold" in samples:
+            out[f"paired_{m}_hold_over_bare_hold"] = paired(samples, m, "bare-hold")
+    return out
+
+
+def epoch_ratio(a: Sequence[Sample], b: Sequence[Sample], key: str = "hold_ms") -> float | None:
+    """Median over epochs of (median ``key`` of ``a`` in the epoch) / (that of ``b``): for samples of two daemons."""
+    rs: list[float] = []
+    for e in sorted({s.epoch for s in a}):
+        r = ratio(median(_vals([s for s in a if s.epoch == e], key)), median(_vals([s for s in b if s.epoch == e], key)))
+        if r is not None:
+            rs.append(r)
+    return median(rs)
+
+
 COLS = (
     ("wall", "wall_ms"),
     ("hold", "hold_ms"),
@@ -371,6 +423,21 @@ def table(results: Mapping[str, Mapping[str, Mapping[str, float | None]]], title
     return "\n".join(lines)
 
 
+def describe(dc: DaemonConfig) -> str:
+    return f"qemu.conf {dc.qemu_conf or '(stock)'}, tmpfs {list(dc.tmpfs) or 'none'}"
+
+
+def vs_control_lines(vc: Mapping[str, Mapping[str, Mapping[str, float | None]]]) -> str:
+    lines = ["### hold vs the private control daemon (median over epochs of per-epoch median ratios)", ""]
+    lines += ["| disks | config | method | / control same method | / control bare-hold |", "|---|---|---|---|---|"]
+    for d, per in vc.items():
+        for cfg, cell in per.items():
+            for m in DAEMON_METHODS:
+                a, b = cell.get(f"{m}_over_control_same"), cell.get(f"{m}_over_control_bare_hold")
+                lines.append(f"| {d} | {cfg} | {m} | {fmt(a, 2)} | {fmt(b, 2)} |")
+    return "\n".join(lines)
+
+
 def ratio_lines(all_ratios: Mapping[str, Mapping[str, float | None]]) -> str:
     lines = ["", "| disks | " + " | ".join(next(iter(all_ratios.values()), {}).keys()) + " |"]
     lines.append("|" + "---|" * (1 + len(next(iter(all_ratios.values()), {}))))
@@ -381,29 +448,56 @@ def ratio_lines(all_ratios: Mapping[str, Mapping[str, float | None]]) -> str:
 
 @dataclass
 class SetResult:
-    """One set of runs (one daemon): per disk count, per method."""
+    """One target (daemon): per disk count, per method."""
 
-    summary: dict[str, dict[str, dict[str, float | None]]]
-    ratios: dict[str, dict[str, float | None]]
-    chain_depth_max: dict[str, int]
-    samples: dict[str, list[dict[str, object]]]
+    summary: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    chain_depth_max: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
 
-def run_set(uri: str, disks_list: Sequence[int], methods: Sequence[str], *, trials: int, timing: Timing, rpd: int) -> SetResult:
-    conn = lv.connect(uri)
-    res = SetResult({}, {}, {}, {})
-    try:
-        for d in disks_list:
-            print(f"{d} disks: methods {', '.join(methods)}", file=sys.stderr, flush=True)
-            dr = run_disks(conn, uri, d, methods, trials=trials, timing=timing, rounds_per_domain=rpd)
-            key = str(d)
-            res.summary[key] = {m: summarize(ss) for m, ss in dr.samples.items()}
-            res.ratios[key] = ratios(res.summary[key])
-            res.samples[key] = [{**asdict(s), "extra_lat_ms": s.extra_lat_ms} for ss in dr.samples.values() for s in ss]
-            res.chain_depth_max[key] = dr.depth_max
-        return res
-    finally:
-        conn.close()
+def add_run(res: SetResult, dr: DiskRun) -> None:
+    key = str(dr.disks)
+    res.summary[key] = {m: summarize(ss) for m, ss in dr.samples.items()}
+    res.ratios[key] = {**ratios(res.summary[key]), **paired_ratios(dr.samples)}
+    res.samples[key] = [{**asdict(s), "extra_lat_ms": s.extra_lat_ms} for ss in dr.samples.values() for s in ss]
+    res.chain_depth_max[key] = dr.depth_max
+
+
+def run_set(
+    targets: Mapping[str, tuple[libvirt.virConnect, str]],
+    disks_list: Sequence[int],
+    methods: Sequence[str],
+    *,
+    trials: int,
+    timing: Timing,
+    rpd: int,
+) -> tuple[dict[str, SetResult], dict[str, dict[int, DiskRun]]]:
+    results = {name: SetResult() for name in targets}
+    runs: dict[str, dict[int, DiskRun]] = {name: {} for name in targets}
+    for d in disks_list:
+        print(f"{d} disks: {', '.join(targets)}: methods {', '.join(methods)}", file=sys.stderr, flush=True)
+        per = run_epochs(targets, d, methods, trials=trials, timing=timing, rounds_per_domain=rpd)
+        for name, dr in per.items():
+            add_run(results[name], dr)
+            runs[name][d] = dr
+    return results, runs
+
+
+def vs_control(runs: Mapping[str, Mapping[int, DiskRun]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per disk count, per config, per method: epoch-paired hold ratio to control's same method and to control's bare-hold."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    ctrl = runs.get("control", {})
+    for cfg, per in runs.items():
+        for d, dr in per.items():
+            c = ctrl.get(d)
+            if c is None:
+                continue
+            cell = out.setdefault(str(d), {}).setdefault(cfg, {})
+            for m, ss in dr.samples.items():
+                cell[f"{m}_over_control_same"] = epoch_ratio(ss, c.samples.get(m, []))
+                cell[f"{m}_over_control_bare_hold"] = epoch_ratio(ss, c.samples.get("bare-hold", []))
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -453,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.levers:
         methods += [m for m in LEVER_METHODS if m not in methods]
     timing = Timing(quiet_s=args.quiet_s, tail_s=args.tail_s)
+    rpd = args.rounds_per_domain
     host = _versions()
     report: dict[str, object] = {
         "started_utc": datetime.now(UTC).isoformat(),
@@ -462,21 +557,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     texts: list[str] = []
     if not args.no_main:
-        main_run = run_set(args.uri, disks_list, methods, trials=args.trials, timing=timing, rpd=args.rounds_per_domain)
+        conn = lv.connect(args.uri)
+        try:
+            sets, _ = run_set({"main": (conn, args.uri)}, disks_list, methods, trials=args.trials, timing=timing, rpd=rpd)
+        finally:
+            conn.close()
+        main_run = sets["main"]
         report["main"] = {"uri": args.uri, "methods": methods, **asdict(main_run)}
         texts += [table(main_run.summary, f"point bench, {args.trials} trials, {args.uri}"), ratio_lines(main_run.ratios)]
     if args.levers and args.daemon_configs:
         ddisks = [int(x) for x in (args.daemon_disks or args.disks).split(",") if x]
-        daemons: dict[str, object] = {}
-        for cfg in [c for c in args.daemon_configs.split(",") if c]:
-            dc = DAEMON_CONFIGS[cfg]
-            what = f"qemu.conf {dc.qemu_conf or '(stock)'}, tmpfs {list(dc.tmpfs) or 'none'}"
-            print(f"private libvirtd '{cfg}': {what}", file=sys.stderr, flush=True)
-            with private_libvirtd(dc.qemu_conf, tmpfs=dc.tmpfs) as uri:
-                res = run_set(uri, ddisks, DAEMON_METHODS, trials=args.trials, timing=timing, rpd=args.rounds_per_domain)
-            daemons[cfg] = {**asdict(dc), **asdict(res)}
-            texts += [table(res.summary, f"private libvirtd '{cfg}': {what}"), ratio_lines(res.ratios)]
-        report["daemons"] = daemons
+        cfgs = [c for c in args.daemon_configs.split(",") if c]
+        with contextlib.ExitStack() as stack:
+            targets: dict[str, tuple[libvirt.virConnect, str]] = {}
+            for cfg in cfgs:
+                dc = DAEMON_CONFIGS[cfg]
+                print(f"private libvirtd '{cfg}': {describe(dc)}", file=sys.stderr, flush=True)
+                uri = stack.enter_context(private_libvirtd(dc.qemu_conf, tmpfs=dc.tmpfs))
+                c = lv.connect(uri)
+                stack.callback(c.close)
+                targets[cfg] = (c, uri)
+            sets, runs = run_set(targets, ddisks, DAEMON_METHODS, trials=args.trials, timing=timing, rpd=rpd)
+        report["daemons"] = {cfg: {**asdict(DAEMON_CONFIGS[cfg]), **asdict(r)} for cfg, r in sets.items()}
+        vc = vs_control(runs)
+        report["daemons_vs_control"] = vc
+        for cfg, r in sets.items():
+            texts += [table(r.summary, f"private libvirtd '{cfg}': {describe(DAEMON_CONFIGS[cfg])}"), ratio_lines(r.ratios)]
+        texts.append(vs_control_lines(vc))
     report["finished_utc"] = datetime.now(UTC).isoformat()
     host["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report["host"] = host

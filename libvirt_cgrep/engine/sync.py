@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters.fs import save_file
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.extents import data_bytes
 from libvirt_cgrep.core.names import validate_name
@@ -105,18 +107,69 @@ def primary_base(chain: Sequence[str]) -> str:
     return chain[-1]
 
 
-def coverage(chain: Sequence[str], rec: mf.DiskRecord | None) -> tuple[int, bool, str, str | None]:
-    """(ship depth, full?, primary base, resync reason) for a frozen chain (frozen image first). Pure."""
+@dataclass(frozen=True)
+class FoldStamp:
+    """Recorded beside the primary's base before every fold: the base holds nothing newer than this point."""
+
+    target: str
+    set_name: str
+    point_id: str
+
+
+def coverage(
+    chain: Sequence[str],
+    rec: mf.DiskRecord | None,
+    *,
+    newest_id: str | None = None,
+    stamp: FoldStamp | None = None,
+    target: str = "",
+    set_name: str = "",
+) -> tuple[int, bool, str, str | None]:
+    """(ship depth, full?, primary base, resync reason) for a frozen chain (frozen image first). Pure.
+
+    A delta is only correct if the primary's base holds nothing the target's
+    newest point lacks: the fold stamp must name this target and set, and a
+    point no newer than the newest one there (else: full resync).
+    """
     if rec is None:
         return len(chain), True, primary_base(chain), "first point of this disk"
     if rec.primary_base not in chain:
         return len(chain), True, primary_base(chain), f"chain broken: {rec.primary_base} is no longer in it"
+    if stamp is not None and (
+        stamp.target != target or stamp.set_name != set_name or newest_id is None or stamp.point_id > newest_id
+    ):
+        return (
+            len(chain),
+            True,
+            primary_base(chain),
+            f"the primary's base was folded after point {stamp.point_id} of {stamp.target} (set {stamp.set_name}), "
+            "which this target does not hold",
+        )
     if rec.source_image in chain:
         return chain.index(rec.source_image), False, rec.primary_base, None
     return chain.index(rec.primary_base), False, rec.primary_base, None
 
 
-def _repair(backend: Backend, name: str, newest: mf.Manifest | None) -> None:
+def stamp_path(base: str) -> Path:
+    return Path(f"{base}.cgrep-fold.json")
+
+
+def read_stamp(base: str) -> FoldStamp | None:
+    try:
+        d = json.loads(stamp_path(base).read_bytes())
+        return FoldStamp(str(d["target"]), str(d["set"]), str(d["point_id"]))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return FoldStamp("?", "?", "?")  # unreadable: never trust the base for a delta
+
+
+def write_stamp(base: str, stamp: FoldStamp) -> None:
+    data = {"target": stamp.target, "set": stamp.set_name, "point_id": stamp.point_id}
+    save_file(stamp_path(base), json.dumps(data).encode() + b"\n", 0o600)
+
+
+def _repair(backend: Backend, name: str, newest: mf.Manifest | None, target: str, set_name: str) -> None:
     """Fold layers a crashed cycle committed but did not fold."""
     if newest is None:
         return
@@ -132,6 +185,7 @@ def _repair(backend: Backend, name: str, newest: mf.Manifest | None) -> None:
             and rec.primary_base in chain
             and chain.index(rec.primary_base) > chain.index(rec.source_image)
         ):
+            write_stamp(rec.primary_base, FoldStamp(target, set_name, newest.point_id))
             backend.fold(rec.target, rec.primary_base, rec.source_image)
 
 
@@ -165,7 +219,7 @@ def sync(
         pts = link.request({"op": "points", "set": set_name})["points"]
         newest = manifest_from_dict(pts[-1]) if pts else None
         for b, name in zip(backends, names, strict=True):
-            _repair(b, name, newest)
+            _repair(b, name, newest, str(target), set_name)
         point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
         domains = tuple(mf.DomainRecord(*b.record()) for b in backends)
         plans: list[tuple[DiskShipment, str, str | None]] = []
@@ -173,7 +227,15 @@ def sync(
             for dc in g.disks:
                 chain = chain_of(dc.frozen_image)
                 rec = newest.disk(g.guest, dc.target) if newest else None
-                depth, full, base, reason = coverage(chain, rec)
+                stamp = read_stamp(rec.primary_base) if rec else None
+                depth, full, base, reason = coverage(
+                    chain,
+                    rec,
+                    newest_id=newest.point_id if newest else None,
+                    stamp=stamp,
+                    target=str(target),
+                    set_name=set_name,
+                )
                 size = qemu_img.chain(Path(dc.frozen_image))[0].virtual_size
                 plans.append((DiskShipment(g.guest, dc.target, chain, depth, full, size), base, reason))
         parent = newest.point_id if newest else None
@@ -220,6 +282,7 @@ def sync(
         disk_results = []
         for s_, changed, sent, base, reason in results:
             backend = by_name[s_.domain]
+            write_stamp(base, FoldStamp(str(target), set_name, point.point_id))
             if s_.chain[0] != base:
                 backend.fold(s_.target, base, s_.chain[0])
             disk_results.append(DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target))))

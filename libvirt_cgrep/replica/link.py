@@ -151,10 +151,12 @@ class Link:
         return self._reply()
 
     def _broken(self) -> None:
+        """The link broke while sending: report the receiver's own error if it sent one."""
+        got = None
         with contextlib.suppress(Exception):
             got = proto.recv(self.reader)
-            if got is not None:
-                proto.raise_reply(got[0])
+        if got is not None:
+            proto.raise_reply(got[0])
         raise proto.StreamError(f"the link to {self.target} broke{self._stderr_tail()}")
 
     def close(self) -> None:

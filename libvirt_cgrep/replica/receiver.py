@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -152,6 +154,22 @@ class _Session:
 
 
 _READ_OPS = ("sets", "points", "verify")
+#: A receiver waiting longer than this for the sender's next message gives up (discarding
+#: anything staged), so a dead link never holds the target's lock for long.
+IDLE_TIMEOUT_ENV = "CGREP_RECEIVER_IDLE_S"
+DEFAULT_IDLE_S = 300
+
+
+class _Idle(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Idle()
+
+
+class StreamIdleError(CgrepError):
+    """The sender went silent (a dead link)."""
 
 
 def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -> int:
@@ -168,8 +186,16 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
     try:
         proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root)})
         out.flush()
+        idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
+        signal.signal(signal.SIGALRM, _on_alarm)
         while True:
-            got = proto.recv(inp)
+            signal.alarm(idle)
+            try:
+                got = proto.recv(inp)
+            except _Idle:
+                raise StreamIdleError(f"no message from the sender for {idle} s: giving up, nothing committed") from None
+            finally:
+                signal.alarm(0)
             if got is None or got[0].get("op") == "bye":
                 return 0
             if readonly and got[0].get("op") not in _READ_OPS:

@@ -180,24 +180,28 @@ class Store:
         (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
         if (sdir / "points" / f"{point_id}.json").exists():
             raise ConflictError(f"point {point_id} already exists in {set_name}")
-        staged = []
-        for domain, target, size, full in disks:
-            validate_name(domain, "domain name")
-            validate_name(target, "disk target")
-            final_rel = mf.disk_image_name(domain, target, point_id)
-            final = sdir / final_rel
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = final.parent / f".staging-{point_id}.qcow2"
-            path.unlink(missing_ok=True)
-            prev = parent.disk(domain, target) if parent and not full else None
-            backing = Path(prev.image).name if prev else None
-            if prev and prev.virtual_size != size:
-                backing = None  # a resized disk starts a new base
-            argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-            if backing:
-                argv += ["-F", "qcow2", "-b", backing]
-            run([*argv, str(path), str(size)], timeout=60)
-            staged.append(StagedDisk(domain, target, size, path, final, backing))
+        staged: list[StagedDisk] = []
+        try:
+            for domain, target, size, full in disks:
+                validate_name(domain, "domain name")
+                validate_name(target, "disk target")
+                final_rel = mf.disk_image_name(domain, target, point_id)
+                final = sdir / final_rel
+                final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path = final.parent / f".staging-{point_id}.qcow2"
+                path.unlink(missing_ok=True)
+                prev = parent.disk(domain, target) if parent and not full else None
+                backing = Path(prev.image).name if prev else None
+                if prev and prev.virtual_size != size:
+                    backing = None  # a resized disk starts a new base
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+                if backing:
+                    argv += ["-F", "qcow2", "-b", backing]
+                staged.append(StagedDisk(domain, target, size, path, final, backing))  # so a failure removes it
+                run([*argv, str(path), str(size)], timeout=60)
+        except BaseException:
+            self.discard(staged)
+            raise
         return staged
 
     @contextlib.contextmanager
