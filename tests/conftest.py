@@ -10,12 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -24,6 +21,7 @@ import pytest
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab.build import GuestArtifacts, build_guest
+from libvirt_cgrep.lab.sshd import Sshd, loopback_sshd
 
 URI = "qemu:///system"
 PREFIX = f"cgt{os.getpid()}"
@@ -108,64 +106,18 @@ def wait_progress(console_log: Path, records: int = 20, timeout: float = 30.0) -
     return labdom.wait_for_ack(console_log, after=base + records, timeout=timeout).seq
 
 
-@dataclass(frozen=True)
-class SSHD:
-    """A real sshd on loopback with its own host key, a client key and an ssh_config for it."""
-
-    port: int
-    config: Path
-
-    def target(self, path: Path) -> str:
-        return f"ssh://root@127.0.0.1:{self.port}{path}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SSHD = Sshd
 
 
 @pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHD]:
-    d = tmp_path_factory.mktemp("sshd")
-    os.chmod(d, 0o700)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    port = _free_port()
-    host_pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nSubsystem sftp internal-sftp\n"
-    )
-    (d / "ssh_config").write_text(
-        f"Host 127.0.0.1\n  IdentityFile {d / 'client_key'}\n  UserKnownHostsFile {d / 'known_hosts'}\n  IdentitiesOnly yes\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "sshd did not start"
-            time.sleep(0.05)
-        yield SSHD(port, d / "ssh_config")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    with loopback_sshd(tmp_path_factory.mktemp("sshd") / "d") as s:
+        yield s
 
 
 @pytest.fixture
-def ssh_env(sshd: SSHD, monkeypatch: pytest.MonkeyPatch) -> SSHD:
+def ssh_env(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> Sshd:
     """Point the link at the loopback sshd and the remote command at this venv's virt-cgrep."""
-    monkeypatch.setenv("CGREP_SSH_CONFIG", str(sshd.config))
-    monkeypatch.setenv("CGREP_REMOTE_CMD", f"{sys.executable} -m libvirt_cgrep")
+    for key, value in sshd.env().items():
+        monkeypatch.setenv(key, value)
     return sshd
