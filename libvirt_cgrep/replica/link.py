@@ -10,6 +10,7 @@ locally as a subprocess, or on the far side through the system's OpenSSH
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -25,6 +26,9 @@ _SSH = re.compile(
     r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9_.-]*)@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]{1,5}))?(?P<path>/.*)"
 )
 _PATH = re.compile(r"/[A-Za-z0-9_.+/-]*")
+
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 #: The receiver command on the far side (a venv's virt-cgrep, for example).
 REMOTE_CMD_ENV = "CGREP_REMOTE_CMD"
@@ -110,6 +114,8 @@ class Link:
         )
         self.inp = cast(IO[bytes], self.proc.stdin)
         self.out = cast(IO[bytes], self.proc.stdout)
+        with contextlib.suppress(OSError):  # bigger pipe: fewer wake-ups per MiB shipped
+            fcntl.fcntl(self.inp.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         self.writer = open(self.inp.fileno(), "wb", buffering=1 << 20, closefd=False)  # noqa: SIM115 - closed in close()
         self.reader = open(self.out.fileno(), "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
         try:
