@@ -130,16 +130,23 @@ def guest_artifacts() -> GuestArtifacts:
 
 
 @contextlib.contextmanager
-def lab_domain(conn: libvirt.virConnect, disks: int, *, tag: str, size: int = 64 << 20) -> Iterator[labdom.LabDomain]:
-    """A running lab domain with ``disks`` data disks; always removed afterwards."""
+def lab_domain(
+    conn: libvirt.virConnect, disks: int, *, tag: str, size: int = 64 << 20, boot: tuple[Path, Path] | None = None
+) -> Iterator[labdom.LabDomain]:
+    """A running lab domain with ``disks`` data disks; always removed afterwards.
+
+    ``boot`` (kernel, initrd) replaces the shared lab guest files: a private
+    daemon must boot from its own copies (see :func:`boot_copies`).
+    """
     g = guest_artifacts()
+    kernel, initrd = boot or (g.kernel, g.initrd)
     name = unique_name(tag)
     spec = labdom.LabSpec(
         name=name,
         disks=disks,
         size=size,
-        kernel=g.kernel,
-        initrd=g.initrd,
+        kernel=kernel,
+        initrd=initrd,
         directory=labdom.lab_root() / name,
     )
     try:
@@ -149,6 +156,30 @@ def lab_domain(conn: libvirt.virConnect, disks: int, *, tag: str, size: int = 64
     finally:
         with contextlib.suppress(Exception):
             labdom.down(conn, name)
+
+
+@contextlib.contextmanager
+def boot_copies() -> Iterator[tuple[Path, Path]]:
+    """Private copies of the lab kernel and initrd, removed afterwards.
+
+    libvirt's DAC driver labels the kernel and initrd of every domain it starts
+    and keeps a reference count in the files' extended attributes. Two daemons
+    sharing those files (one with ``remember_owner = 0``, say) undo each other's
+    ownership and make the other's next start fail ("Setting different DAC user
+    or group ... already in use"), so a private daemon boots from its own copies.
+    """
+    g = guest_artifacts()
+    d = Path(tempfile.mkdtemp(prefix="bench-boot-", dir="/var/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        kernel, initrd = d / "vmlinuz", d / "initrd.img"
+        shutil.copyfile(g.kernel, kernel)
+        shutil.copyfile(g.initrd, initrd)
+        for f in (kernel, initrd):
+            os.chmod(f, 0o644)
+        yield kernel, initrd
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- qemu.conf

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.common import (
     URI,
     Window,
+    boot_copies,
     fmt,
     lab_domain,
     log_offset,
@@ -77,6 +78,10 @@ DAEMON_CONFIGS: dict[str, DaemonConfig] = {
     "both-off": DaemonConfig({"namespaces": "[]", "remember_owner": "0"}),
     "run-tmpfs": DaemonConfig({}, ("/run/libvirt",)),
 }
+
+
+#: A daemon to measure on: connection, URI, and the boot files its domains use (None: the shared lab guest).
+Target = tuple[libvirt.virConnect, str, tuple[Path, Path] | None]
 
 
 @dataclass
@@ -284,7 +289,7 @@ def run_rounds(ctx: Ctx, methods: Sequence[str], rounds: range, timing: Timing, 
 
 
 def run_epochs(
-    targets: Mapping[str, tuple[libvirt.virConnect, str]],
+    targets: Mapping[str, Target],
     disks: int,
     methods: Sequence[str],
     *,
@@ -306,8 +311,8 @@ def run_epochs(
         rounds = range(e * rounds_per_domain, min(trials, (e + 1) * rounds_per_domain))
         k = e % len(names)
         for name in [*names[k:], *names[:k]]:
-            conn, uri = targets[name]
-            with lab_domain(conn, disks, tag=f"pt{disks}-") as vm:
+            conn, uri, boot = targets[name]
+            with lab_domain(conn, disks, tag=f"pt{disks}-", boot=boot) as vm:
                 ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
                 run_rounds(ctx, methods, rounds, timing, out[name], label=f"{name}, {disks} disks", epoch=e)
     return out
@@ -465,7 +470,7 @@ def add_run(res: SetResult, dr: DiskRun) -> None:
 
 
 def run_set(
-    targets: Mapping[str, tuple[libvirt.virConnect, str]],
+    targets: Mapping[str, Target],
     disks_list: Sequence[int],
     methods: Sequence[str],
     *,
@@ -559,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_main:
         conn = lv.connect(args.uri)
         try:
-            sets, _ = run_set({"main": (conn, args.uri)}, disks_list, methods, trials=args.trials, timing=timing, rpd=rpd)
+            sets, _ = run_set({"main": (conn, args.uri, None)}, disks_list, methods, trials=args.trials, timing=timing, rpd=rpd)
         finally:
             conn.close()
         main_run = sets["main"]
@@ -569,14 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ddisks = [int(x) for x in (args.daemon_disks or args.disks).split(",") if x]
         cfgs = [c for c in args.daemon_configs.split(",") if c]
         with contextlib.ExitStack() as stack:
-            targets: dict[str, tuple[libvirt.virConnect, str]] = {}
+            targets: dict[str, Target] = {}
             for cfg in cfgs:
                 dc = DAEMON_CONFIGS[cfg]
                 print(f"private libvirtd '{cfg}': {describe(dc)}", file=sys.stderr, flush=True)
+                boot = stack.enter_context(boot_copies())
                 uri = stack.enter_context(private_libvirtd(dc.qemu_conf, tmpfs=dc.tmpfs))
                 c = lv.connect(uri)
                 stack.callback(c.close)
-                targets[cfg] = (c, uri)
+                targets[cfg] = (c, uri, boot)
             sets, runs = run_set(targets, ddisks, DAEMON_METHODS, trials=args.trials, timing=timing, rpd=rpd)
         report["daemons"] = {cfg: {**asdict(DAEMON_CONFIGS[cfg]), **asdict(r)} for cfg, r in sets.items()}
         vc = vs_control(runs)

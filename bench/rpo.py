@@ -47,7 +47,7 @@ import libvirt
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import URI, fmt, guest_artifacts, unique_name, wait_progress
+from bench.common import URI, fmt, guest_artifacts, percentile, unique_name, wait_progress
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.agent.db import StateDB, db_path
 from libvirt_cgrep.cli import run as cgrep
@@ -209,8 +209,8 @@ class Agent:
         finally:
             db.close()
 
-    def commits(self, group: str) -> tuple[list[Commit], int, float]:
-        """(the group's commits, failed cycles, mean cycle duration s) of this run."""
+    def commits(self, group: str) -> tuple[list[Commit], int, list[float]]:
+        """(the group's commits, failed cycles, successful cycle durations s) of this run."""
         db = StateDB(db_path(self.state), readonly=True)
         try:
             cycles = db.cycles(group, 100_000)
@@ -218,8 +218,7 @@ class Agent:
             db.close()
         ok = [c for c in cycles if c["ok"] and c["point_id"]]
         commits = [Commit(point_time(c["point_id"]), c["ended"]) for c in ok]
-        durations = [c["ended"] - c["started"] for c in ok]
-        return commits, len(cycles) - len(ok), (sum(durations) / len(durations) if durations else 0.0)
+        return commits, len(cycles) - len(ok), [c["ended"] - c["started"] for c in ok]
 
     def alerts(self, group: str, since: float) -> list[str]:
         f = self.state / "alerts.jsonl"
@@ -255,6 +254,8 @@ class RunResult:
     points: int
     failed_cycles: int
     mean_cycle_s: float
+    p90_cycle_s: float | None
+    max_cycle_s: float | None
     compliance: float | None
     violated_s: float | None
     max_age_s: float | None
@@ -277,7 +278,7 @@ def run_agent(
     acked = (last_ack.seq - first_ack.seq) if first_ack and last_ack else 0
     if rc != 0:
         raise RuntimeError(f"the agent exited with {rc}: see {agent.state / 'agent.log'}")
-    commits, failed, mean = agent.commits(vm.name)
+    commits, failed, durations = agent.commits(vm.name)
     comp = compliance(commits, rpo, end)
     first = min((c.committed for c in commits), default=end)
     violations = agent.alerts(vm.name, first).count("rpo-violated")
@@ -289,7 +290,9 @@ def run_agent(
         minutes=minutes,
         points=len(commits),
         failed_cycles=failed,
-        mean_cycle_s=mean,
+        mean_cycle_s=sum(durations) / len(durations) if durations else 0.0,
+        p90_cycle_s=percentile(durations, 90),
+        max_cycle_s=max(durations, default=None),
         compliance=comp.fraction if comp else None,
         violated_s=comp.violated_s if comp else None,
         max_age_s=comp.max_age_s if comp else None,
@@ -366,16 +369,17 @@ def part_cpu(args: argparse.Namespace, conn: libvirt.virConnect, scratch: Path) 
 
 def run_table(runs: Sequence[RunResult], title: str) -> str:
     head = (
-        f"{'RPO s':>5} {'MiB/s':>5} {'wrote':>5} {'disks':>5} {'min':>5} {'points':>6} {'failed':>6} {'cycle s':>7}"
-        f" {'compliance':>10} {'violated s':>10} {'max age s':>9} {'alerts':>6} {'held':>4}"
+        f"{'RPO s':>5} {'MiB/s':>5} {'wrote':>5} {'disks':>5} {'min':>5} {'points':>6} {'failed':>6}"
+        f" {'cycle s':>7} {'p90':>5} {'max':>5} {'compliance':>10} {'violated s':>10} {'max age s':>9} {'alerts':>6} {'held':>4}"
     )
     rows = [title, head, "-" * len(head)]
     for r in runs:
         pct = "-" if r.compliance is None else f"{100 * r.compliance:.2f} %"
         rows.append(
             f"{r.rpo_s:>5} {fmt(r.rate_mib_s):>5} {fmt(r.written_mib_s):>5} {r.disks:>5} {fmt(r.minutes):>5}"
-            f" {r.points:>6} {r.failed_cycles:>6} {fmt(r.mean_cycle_s, 2):>7} {pct:>10}"
-            f" {fmt(r.violated_s):>10} {fmt(r.max_age_s):>9} {r.violations_after_first_point:>6} {'yes' if r.held else 'NO':>4}"
+            f" {r.points:>6} {r.failed_cycles:>6} {fmt(r.mean_cycle_s, 2):>7} {fmt(r.p90_cycle_s):>5} {fmt(r.max_cycle_s):>5}"
+            f" {pct:>10} {fmt(r.violated_s):>10} {fmt(r.max_age_s):>9} {r.violations_after_first_point:>6}"
+            f" {'yes' if r.held else 'NO':>4}"
         )
     return "\n".join(rows)
 

@@ -121,3 +121,26 @@ def ssh_env(sshd: Sshd, monkeypatch: pytest.MonkeyPatch) -> Sshd:
     for key, value in sshd.env().items():
         monkeypatch.setenv(key, value)
     return sshd
+
+
+GroupFactory = Callable[..., labdom.LabGroup]
+
+
+@pytest.fixture
+def lab_group(conn: libvirt.virConnect, guest: GuestArtifacts) -> Iterator[GroupFactory]:
+    """Factory: ``lab_group(vms=2, disks=2, size=16<<20)`` starts a lab group (members and relay); all removed after."""
+    made: list[str] = []
+
+    def make(vms: int = 2, disks: int = 2, size: int = 16 << 20, tag: str = "grp", **kw: object) -> labdom.LabGroup:
+        name = unique_name(tag)
+        specs = labdom.group_specs(name, vms, disks=disks, size=size, kernel=guest.kernel, initrd=guest.initrd, **kw)
+        made.append(name)
+        return labdom.group_up(conn, name, specs)
+
+    yield make
+    for name in made:
+        with contextlib.suppress(Exception):
+            labdom.group_down(conn, name)
+        assert not labdom.group_dir(name).exists()
+        assert not list(labdom.lab_root().glob(f"{name}-*"))
+        assert not subprocess.run(["pgrep", "-f", f"lab.relay .*--group {name} "], capture_output=True, check=False).stdout

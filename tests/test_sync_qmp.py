@@ -74,7 +74,7 @@ def verify_all(target: str) -> list[dict[str, Any]]:
 
 
 def overlay_files(vm: BareVM) -> list[str]:
-    return sorted(p.name for p in vm.directory.glob("*.cgrep-*"))
+    return sorted(p.name for p in vm.directory.glob("*.cgrep-*.qcow2"))
 
 
 def wait_no_receiver(root: Path, timeout: float = 20.0) -> None:

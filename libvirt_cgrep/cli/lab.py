@@ -43,13 +43,19 @@ def register(sub: Any) -> None:
 
     u = ls.add_parser(
         "up",
-        help="define and start a lab domain",
+        help="define and start a lab domain (or a group of them)",
         description=(
             "Define a persistent TCG libvirt domain NAME with N qcow2 data disks (vda, vdb, ...) and start "
-            "the workload. Returns once the workload acknowledged its first record. On failure nothing is left behind."
+            "the workload. Returns once the workload acknowledged its first record. On failure nothing is left behind. "
+            "With --group G --vms V: define and start V domains G-0 .. G-{V-1} whose dependent-write chain spans "
+            "the VMs (record n is written by G-{n mod V}, and only after a host-side relay saw record n-1 "
+            "acknowledged on the previous VM's console); the relay runs detached until 'lab down G'. "
+            "Returns once the chain ran across every VM."
         ),
     )
-    u.add_argument("name", metavar="NAME")
+    u.add_argument("name", metavar="NAME", nargs="?", help="the domain (omit with --group)")
+    u.add_argument("--group", metavar="G", help="start a lab group G of --vms VMs named G-0, G-1, ...")
+    u.add_argument("--vms", default=None, help="number of VMs of the group, 2-16 (default 2; needs --group)")
     u.add_argument("--disks", default="2", help="number of data disks, 1-16 (default 2)")
     u.add_argument("--size", default="64M", help="size of each data disk, e.g. 64M or 1G (default 64M)")
     u.add_argument(
@@ -66,9 +72,10 @@ def register(sub: Any) -> None:
 
     d = ls.add_parser(
         "down",
-        help="destroy a lab domain and remove its files",
+        help="destroy a lab domain (or group) and remove its files",
         description=(
-            "Destroy (power off) the lab domain NAME, undefine it and remove its directory. Refuses domains without lab metadata."
+            "Destroy (power off) the lab domain NAME, undefine it and remove its directory. Refuses domains without lab "
+            "metadata. NAME may be a lab group or any member of one: the relay is stopped and every member removed."
         ),
     )
     d.add_argument("name", metavar="NAME")
@@ -80,8 +87,11 @@ def register(sub: Any) -> None:
 
     s = ls.add_parser(
         "status",
-        help="show a lab domain's progress",
-        description=("Show a lab domain's state and the last record its workload acknowledged (read from its console log)."),
+        help="show a lab domain's (or group's) progress",
+        description=(
+            "Show a lab domain's state and the last record its workload acknowledged (read from its console log). "
+            "For a lab group NAME: every member, and the relay (pid, next record, records relayed per second)."
+        ),
     )
     s.add_argument("name", metavar="NAME")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -99,6 +109,9 @@ def register(sub: Any) -> None:
     )
     c.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
     c.add_argument("--domain", metavar="NAME", help="check the images named by the domain's persistent definition")
+    c.add_argument(
+        "--group", metavar="G", help="check the images named by the persistent definitions of every member of lab group G"
+    )
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_check)
 
@@ -129,7 +142,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     from libvirt_cgrep.lab import domain
     from libvirt_cgrep.lab.build import build_guest
 
-    name = validate_name(args.name, "domain name")
+    if args.group is not None:
+        if args.name is not None:
+            raise UsageError("give either NAME or --group G, not both (the members are named G-0, G-1, ...)")
+        name = validate_name(args.group, "group name")
+        vms = parse_count(args.vms if args.vms is not None else "2", "VM count", 2, domain.MAX_GROUP_VMS)
+        domain.member_names(name, vms)
+    else:
+        if args.name is None:
+            raise UsageError("lab up: give NAME, or --group G --vms V")
+        if args.vms is not None:
+            raise UsageError("--vms needs --group")
+        name = validate_name(args.name, "domain name")
+        vms = 1
     disks = parse_count(args.disks, "disk count", 1, 16)
     size = parse_size(args.size, minimum=1 << 20, maximum=1 << 40)
     rate = parse_count(args.rate, "rate", 0, 1_000_000)
@@ -140,6 +165,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UsageError(f"disk size {format_size(size)} is too small for {bs}-byte records")
     conn = lv.connect(args.connect)
     art = build_guest(offline=True)
+    if vms > 1:
+        specs = domain.group_specs(
+            name, vms, disks=disks, size=size, kernel=art.kernel, initrd=art.initrd, mode=args.mode, rate=rate, bs=bs
+        )
+        grp = domain.group_up(conn, name, specs, wait=not args.no_wait)
+        if args.json:
+            emit_json(grp.as_dict())
+        else:
+            relay = f"relay pid {grp.relay.pid}" if grp.relay.running else "no relay"
+            done = grp.last_done if grp.last_done is not None else "-"
+            print(
+                f"lab group {grp.name}: {len(grp.members)} VMs ({', '.join(m.name for m in grp.members)}), "
+                f"{disks} x {format_size(size)} disks each, {relay}, last done {done}"
+            )
+        return EXIT_OK
     spec = domain.LabSpec(
         name=name,
         disks=disks,
@@ -163,9 +203,27 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from libvirt_cgrep.lab import domain
 
-    domain.down(lv.connect(args.connect), args.name)
+    conn = lv.connect(args.connect)
+    group = _group_of(conn, args.name)
+    if group is not None:
+        removed = domain.group_down(conn, group)
+        print(f"lab group {group} removed ({', '.join(removed) or 'no members left'})")
+        return EXIT_OK
+    domain.down(conn, args.name)
     print(f"lab domain {args.name} removed")
     return EXIT_OK
+
+
+def _group_of(conn: Any, name: str) -> str | None:
+    """The lab group that ``name`` names or belongs to, else None."""
+    from libvirt_cgrep.errors import NotFoundError
+    from libvirt_cgrep.lab import domain
+
+    validate_name(name, "domain name")
+    try:
+        return domain.get(conn, name).group
+    except NotFoundError:
+        return name if domain.is_group(conn, name) else None
 
 
 _COLUMNS = [
@@ -175,6 +233,7 @@ _COLUMNS = [
     ("size_h", "SIZE"),
     ("mode", "MODE"),
     ("last_ack", "LAST ACK"),
+    ("group", "GROUP"),
 ]
 
 
@@ -194,9 +253,28 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.errors import NotFoundError
     from libvirt_cgrep.lab import domain
 
-    dom = domain.get(lv.connect(args.connect), args.name)
+    conn = lv.connect(args.connect)
+    validate_name(args.name, "domain name")
+    try:
+        dom = domain.get(conn, args.name)
+    except NotFoundError:
+        if not domain.is_group(conn, args.name):
+            raise
+        grp = domain.get_group(conn, args.name)
+        if args.json:
+            emit_json(grp.as_dict())
+            return EXIT_OK
+        print_table(_rows(grp.members), [*_COLUMNS, ("last_done", "LAST DONE"), ("console_error", "ERROR")])
+        r = grp.relay
+        rate = f"{r.rate:.0f} records/s" if r.rate is not None else "-"
+        state = f"running (pid {r.pid})" if r.running else "NOT running"
+        print(f"relay: {state}, next record {r.next if r.next is not None else '-'}, {rate}")
+        if grp.missing:
+            print(f"missing members: {', '.join(grp.missing)}")
+        return EXIT_OK
     if args.json:
         emit_json(dom.as_dict())
     else:
@@ -208,14 +286,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     from libvirt_cgrep.lab.check import check_images
 
     images: list[Path] = list(args.images)
+    if sum(bool(x) for x in (images, args.domain, args.group)) > 1:
+        raise UsageError("give one of IMAGE..., --domain NAME or --group G")
+    if args.group:
+        from libvirt_cgrep.lab import domain
+
+        grp = domain.get_group(lv.connect(args.connect), validate_name(args.group, "group name"))
+        if grp.missing:
+            raise UsageError(f"lab group {grp.name!r} lacks members {', '.join(grp.missing)}: cannot check it whole")
+        images = list(grp.images())
     if args.domain:
-        if images:
-            raise UsageError("give either IMAGE... or --domain, not both")
         validate_name(args.domain, "domain name")
         dom = lv.lookup(lv.connect(args.connect), args.domain)
         images = [Path(d.path) for d in lv.disks_from_xml(lv.persistent_xml(dom)) if d.path and d.device == "disk"]
     if not images:
-        raise UsageError("lab check: give IMAGE... or --domain NAME")
+        raise UsageError("lab check: give IMAGE..., --domain NAME or --group G")
     verdict = check_images(images)
     if args.json:
         emit_json({**verdict.as_dict(), "images": [str(p) for p in images]})

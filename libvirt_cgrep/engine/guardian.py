@@ -35,16 +35,41 @@ from libvirt_cgrep.errors import FenceError, UsageError
 READY_TIMEOUT = 15.0
 
 
+#: How long a guardian keeps trying to reach libvirtd again to resume a guest.
+RECONNECT_S = 120.0
+
+
 def _libvirt_resumer(uri: str, name: str) -> Callable[[], None]:
+    """Resume through the connection opened at start; if libvirtd restarted since, reconnect until it works."""
     import libvirt
 
     conn = libvirt.open(uri)
     dom = conn.lookupByName(name)
 
-    def resume() -> None:
-        st, _ = dom.state()
+    def once(d: libvirt.virDomain) -> None:
+        st, _ = d.state()
         if st == libvirt.VIR_DOMAIN_PAUSED:
-            dom.resume()
+            d.resume()
+
+    def resume() -> None:
+        try:
+            once(dom)
+            return
+        except libvirt.libvirtError:
+            pass
+        end = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                fresh = libvirt.open(uri)
+                try:
+                    once(fresh.lookupByName(name))
+                    return
+                finally:
+                    fresh.close()
+            except libvirt.libvirtError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
 
     return resume
 
@@ -174,15 +199,17 @@ class Guardian:
         return self.fired
 
     def abandon(self) -> bool:
-        """Hand the guests to the guardian: it resumes every one of them now."""
+        """Hand the guests to the guardian: it resumes every one of them now (reconnecting if it must).
+
+        The guardian is never killed here: it lives in its own session and
+        exits by itself once every guest is resumed.
+        """
         assert self.proc is not None
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._kill()
         return True
 
     def _kill(self) -> None:
@@ -193,13 +220,12 @@ class Guardian:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self.proc is not None and self.proc.poll() is None:
             # An exception inside the hold: closing stdin makes the guardian resume everything.
+            # It is left to finish by itself (never killed: it may be waiting for libvirtd).
             if self.proc.stdin is not None:
                 with contextlib.suppress(BrokenPipeError):
                     self.proc.stdin.close()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._kill()
         for f in (self.proc.stdout, self.proc.stderr) if self.proc else ():
             if f is not None:
                 f.close()

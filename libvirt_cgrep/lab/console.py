@@ -6,6 +6,9 @@ The workload prints, at least every report interval (100 ms by default)::
 
 ``seq`` is the last acknowledged record (-1 before the first). The guest clock
 stops while the VM is paused, so ``t_ms`` says nothing about a host-side hold.
+
+A member of a lab group (``cgrep.vms`` > 1) writes a record only when the host
+relay sends it ``GO <n>``, and then prints ``CGREP DONE seq=<n>``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_LINE = re.compile(r"CGREP (READY|ACK|SCAN|ERROR|EXIT|SCANDONE)\b([^\r\n]*)")
+_LINE = re.compile(r"CGREP (READY|ACK|SCAN|ERROR|EXIT|SCANDONE|DONE)\b([^\r\n]*)")
+_READY = "CGREP READY"
 _KV = re.compile(r"(\w+)=(-?\w+)")
 
 
@@ -35,6 +39,8 @@ class ConsoleState:
     scan: dict[str, str] | None
     error: str | None
     acks: tuple[Ack, ...]
+    done: int | None = None
+    """The highest ``seq`` of the DONE lines (group members only)."""
 
 
 def _int(kv: dict[str, str], key: str) -> int:
@@ -50,6 +56,7 @@ def parse(text: str) -> ConsoleState:
     scan: dict[str, str] | None = None
     error: str | None = None
     acks: list[Ack] = []
+    done: int | None = None
     for m in _LINE.finditer(text):
         kind, rest = m.group(1), m.group(2)
         kv = dict(_KV.findall(rest))
@@ -59,6 +66,26 @@ def parse(text: str) -> ConsoleState:
             acks.append(Ack(_int(kv, "seq"), _int(kv, "t_ms"), _int(kv, "n"), _int(kv, "lat_max_us"), _int(kv, "lat_avg_us")))
         elif kind == "SCAN":
             scan = kv
+        elif kind == "DONE" and "seq" in kv:
+            seq = _int(kv, "seq")
+            done = seq if done is None else max(done, seq)
         elif kind in ("ERROR", "EXIT"):
             error = f"{kind} {rest.strip()}"
-    return ConsoleState(ready, acks[-1] if acks else None, scan, error, tuple(acks))
+    return ConsoleState(ready, acks[-1] if acks else None, scan, error, tuple(acks), done)
+
+
+def last_boot(text: str) -> str:
+    """The part of ``text`` from the last READY line on (all of it if there is none)."""
+    i = text.rfind(_READY)
+    return text if i < 0 else text[i:]
+
+
+def done_seqs(text: str) -> list[int]:
+    """Every DONE ``seq`` of ``text``, in order."""
+    out = []
+    for m in _LINE.finditer(text):
+        if m.group(1) == "DONE":
+            kv = dict(_KV.findall(m.group(2)))
+            if "seq" in kv:
+                out.append(_int(kv, "seq"))
+    return out

@@ -7,14 +7,24 @@ the lab can never destroy an operator's VM. Its files live in one directory,
 
 ``up`` either leaves a defined, running domain whose workload acknowledged
 its first record, or changes nothing (it rolls back what it made).
+
+A lab *group* G of V VMs (``group_up``) is V lab domains ``G-0 .. G-{V-1}``
+whose dependent-write chain spans the VMs: record n is written by member
+``n % V``, and only after a host-side relay (:mod:`libvirt_cgrep.lab.relay`)
+saw record n-1 acknowledged on the previous member's console. The group's own
+directory ``$CGREP_LAB_DIR/G`` holds ``group.json`` (the members), the relay's
+pid file, status and log. ``down`` of the group name or of any member removes
+the whole group, relay first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -26,12 +36,14 @@ from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core.names import disk_target, validate_name
 from libvirt_cgrep.errors import CgrepError, ConflictError, NotFoundError, StateError, UsageError
-from libvirt_cgrep.lab import console
+from libvirt_cgrep.lab import console, relay
 
 LAB_NS = "urn:x-libvirt-cgrep:lab:1"
 LAB_PREFIX = "cgreplab"
 DEFAULT_LAB_DIR = Path("/var/lib/libvirt-cgrep/lab")
 MODES = ("write", "scan", "idle")
+GROUP_FILE = "group.json"
+MAX_GROUP_VMS = 16
 
 
 def lab_root() -> Path:
@@ -53,6 +65,9 @@ class LabSpec:
     bs: int = 4096
     memory_mib: int = 192
     report_ms: int = 100
+    group: str | None = None
+    vm: int = 0
+    vms: int = 1
 
     def images(self) -> tuple[Path, ...]:
         return tuple(self.directory / f"{disk_target(i)}.qcow2" for i in range(self.disks))
@@ -62,10 +77,13 @@ class LabSpec:
         return self.directory / "console.log"
 
     def cmdline(self) -> str:
-        return (
+        line = (
             "console=ttyS0 quiet loglevel=1 panic=-1 "
             f"cgrep.mode={self.mode} cgrep.bs={self.bs} cgrep.rate={self.rate} cgrep.report_ms={self.report_ms}"
         )
+        if self.vms > 1:
+            line += f" cgrep.vms={self.vms} cgrep.vm={self.vm}"
+        return line
 
 
 def domain_xml(spec: LabSpec, dom_uuid: str) -> str:
@@ -79,12 +97,13 @@ def domain_xml(spec: LabSpec, dom_uuid: str) -> str:
     </disk>"""
         for i, img in enumerate(spec.images())
     )
+    group = f" group={quoteattr(spec.group)} vm='{spec.vm}' vms='{spec.vms}'" if spec.group else ""
     return f"""<domain type='qemu'>
   <name>{spec.name}</name>
   <uuid>{dom_uuid}</uuid>
   <metadata>
     <{LAB_PREFIX}:lab xmlns:{LAB_PREFIX}='{LAB_NS}' disks='{spec.disks}' size='{spec.size}' mode='{spec.mode}'
-        rate='{spec.rate}' bs='{spec.bs}' dir={quoteattr(str(spec.directory))}/>
+        rate='{spec.rate}' bs='{spec.bs}' dir={quoteattr(str(spec.directory))}{group}/>
   </metadata>
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <vcpu>1</vcpu>
@@ -127,6 +146,10 @@ class LabDomain:
     images: tuple[Path, ...]
     last_ack: console.Ack | None
     console_error: str | None
+    group: str | None = None
+    vm: int = 0
+    vms: int = 1
+    last_done: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -141,6 +164,10 @@ class LabDomain:
             "last_ack_guest_ms": self.last_ack.t_ms if self.last_ack else None,
             "lat_max_us": self.last_ack.lat_max_us if self.last_ack else None,
             "console_error": self.console_error,
+            "group": self.group,
+            "vm": self.vm,
+            "vms": self.vms,
+            "last_done": self.last_done,
         }
 
 
@@ -180,6 +207,10 @@ def _describe(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: etree._Ele
         images=images,
         last_ack=cons.ack,
         console_error=cons.error,
+        group=meta.get("group"),
+        vm=int(meta.get("vm", "0")),
+        vms=int(meta.get("vms", "1")),
+        last_done=cons.done,
     )
 
 
@@ -292,6 +323,9 @@ def down(conn: libvirt.virConnect, name: str) -> None:
         dom = lv.lookup(conn, name)
     except NotFoundError:
         leftover = lab_root() / name
+        if (leftover / GROUP_FILE).is_file():
+            group_down(conn, name)
+            return
         if leftover.is_dir():
             shutil.rmtree(leftover)
             return
@@ -299,6 +333,10 @@ def down(conn: libvirt.virConnect, name: str) -> None:
     meta = _lab_meta(dom)
     if meta is None:
         raise StateError(f"domain {name!r} is not a lab domain (it has no lab metadata); refusing to destroy it")
+    group = meta.get("group")
+    if group:
+        group_down(conn, group)
+        return
     directory = Path(meta.get("dir", ""))
     if not directory.is_absolute() or directory.name != name:
         raise StateError(f"lab metadata of {name!r} names an unexpected directory {str(directory)!r}; refusing")
@@ -308,3 +346,191 @@ def down(conn: libvirt.virConnect, name: str) -> None:
     except NotFoundError:
         return
     raise CgrepError(f"domain {name!r} could not be removed")
+
+
+# ------------------------------------------------------------------ groups
+
+
+@dataclass(frozen=True)
+class LabGroup:
+    """A lab group as seen now: its members and its relay."""
+
+    name: str
+    directory: Path
+    members: tuple[LabDomain, ...]
+    missing: tuple[str, ...]
+    relay: relay.RelayStatus
+
+    @property
+    def last_done(self) -> int | None:
+        done = [m.last_done for m in self.members if m.last_done is not None]
+        return max(done) if done else None
+
+    def images(self) -> tuple[Path, ...]:
+        return tuple(img for m in self.members for img in m.images)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "group": self.name,
+            "directory": str(self.directory),
+            "vms": len(self.members) + len(self.missing),
+            "members": [m.as_dict() for m in self.members],
+            "missing": list(self.missing),
+            "last_done": self.last_done,
+            "relay": self.relay.as_dict(),
+        }
+
+
+def group_dir(group: str) -> Path:
+    return lab_root() / group
+
+
+def member_names(group: str, vms: int) -> tuple[str, ...]:
+    """The domain names of a group's members: ``G-0 .. G-{V-1}``."""
+    return tuple(validate_name(f"{group}-{i}", "domain name") for i in range(vms))
+
+
+def _group_file_members(group: str) -> tuple[str, ...]:
+    try:
+        data = json.loads((group_dir(group) / GROUP_FILE).read_text())
+    except (OSError, ValueError):
+        return ()
+    names = data.get("members") if isinstance(data, dict) else None
+    if not isinstance(names, list):
+        return ()
+    return tuple(n for n in names if isinstance(n, str))
+
+
+def is_group(conn: libvirt.virConnect, name: str) -> bool:
+    """True if ``name`` names a lab group (its directory or a member says so)."""
+    validate_name(name, "group name")
+    if (group_dir(name) / GROUP_FILE).is_file():
+        return True
+    return any(d.group == name for d in list_all(conn))
+
+
+def get_group(conn: libvirt.virConnect, group: str) -> LabGroup:
+    """The lab group ``group``; NotFoundError if it has neither members nor a directory."""
+    validate_name(group, "group name")
+    members = [d for d in list_all(conn) if d.group == group]
+    expected = _group_file_members(group)
+    if not members and not (group_dir(group) / GROUP_FILE).is_file():
+        raise NotFoundError(f"lab group {group!r} not found")
+    present = {m.name for m in members}
+    missing = tuple(n for n in expected if n not in present)
+    members.sort(key=lambda m: m.vm)
+    return LabGroup(group, group_dir(group), tuple(members), missing, relay.status(group_dir(group)))
+
+
+def wait_for_done(paths: Sequence[Path], *, after: int = -1, timeout: float = 90.0) -> int:
+    """Wait until every console shows a DONE line with ``seq > after``; return the highest DONE seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [read_console(p) for p in paths]
+        for p, st in zip(paths, states, strict=True):
+            if st.error:
+                raise StateError(f"lab workload failed: {st.error} (see {p})")
+        done = [st.done for st in states]
+        if all(d is not None and d > after for d in done):
+            return max(d for d in done if d is not None)
+        if time.monotonic() > deadline:
+            slow = [str(p) for p, d in zip(paths, done, strict=True) if d is None or d <= after]
+            raise StateError(f"lab group showed no progress on every member within {timeout:.0f} s (see {', '.join(slow)})")
+        time.sleep(0.1)
+
+
+def group_up(
+    conn: libvirt.virConnect, group: str, specs: Sequence[LabSpec], *, wait: bool = True, timeout: float = 120.0
+) -> LabGroup:
+    """Create a lab group from its members' specs (made by :func:`group_specs`); on any failure, undo everything.
+
+    Starts every member, waits for each one's scan, starts the relay (write
+    mode) and waits until the chain ran across every member.
+    """
+    validate_name(group, "group name")
+    if len(specs) < 2:
+        raise UsageError("a lab group needs at least 2 VMs")
+    for i, spec in enumerate(specs):
+        if spec.group != group or spec.vm != i or spec.vms != len(specs):
+            raise UsageError(f"member {spec.name!r} is not member {i} of {len(specs)} of group {group!r}")
+    gdir = group_dir(group)
+    if gdir.exists():
+        raise ConflictError(f"lab directory {str(gdir)!r} already exists (left over? run 'virt-cgrep lab down {group}')")
+    for name in (group, *(s.name for s in specs)):
+        try:
+            lv.lookup(conn, name)
+        except NotFoundError:
+            continue
+        raise ConflictError(f"domain {name!r} already exists")
+    made: list[LabSpec] = []
+    try:
+        gdir.mkdir(parents=True, mode=0o755)
+        record = {"group": group, "vms": len(specs), "members": [s.name for s in specs], "mode": specs[0].mode}
+        (gdir / GROUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for spec in specs:
+            up(conn, spec, wait=False)
+            made.append(spec)
+        if wait or specs[0].mode == "write":
+            for spec in specs:
+                if spec.mode in ("write", "scan"):
+                    wait_for_scan(spec.console_log, timeout=timeout)
+        if specs[0].mode == "write":
+            relay.start(gdir, group, [s.name for s in specs], uri=lv.call("reading the connection URI", conn.getURI))
+            if wait:
+                wait_for_done([s.console_log for s in specs], timeout=timeout)
+        return get_group(conn, group)
+    except BaseException:
+        relay.stop(gdir, group)
+        for spec in made:
+            try:
+                dom: libvirt.virDomain | None = lv.lookup(conn, spec.name)
+            except CgrepError:
+                dom = None
+            _remove(dom, spec.directory)
+        shutil.rmtree(gdir, ignore_errors=True)
+        raise
+
+
+def group_specs(group: str, vms: int, **kw: object) -> tuple[LabSpec, ...]:
+    """The member specs of group ``group``: ``kw`` as for :class:`LabSpec` (without name, directory and group fields)."""
+    validate_name(group, "group name")
+    if not 2 <= vms <= MAX_GROUP_VMS:
+        raise UsageError(f"a lab group has 2-{MAX_GROUP_VMS} VMs, got {vms}")
+    return tuple(
+        LabSpec(name=name, directory=lab_root() / name, group=group, vm=i, vms=vms, **kw)  # type: ignore[arg-type]
+        for i, name in enumerate(member_names(group, vms))
+    )
+
+
+def group_down(conn: libvirt.virConnect, group: str) -> tuple[str, ...]:
+    """Stop the relay, remove every member and the group directory; returns the members removed."""
+    validate_name(group, "group name")
+    gdir = group_dir(group)
+    relay.stop(gdir, group)
+    names = set(_group_file_members(group))
+    names.update(d.name for d in list_all(conn) if d.group == group)
+    if not names and not gdir.is_dir():
+        raise NotFoundError(f"lab group {group!r} not found")
+    removed = []
+    for name in sorted(names):
+        try:
+            dom = lv.lookup(conn, name)
+        except NotFoundError:
+            shutil.rmtree(lab_root() / name, ignore_errors=True)
+            continue
+        meta = _lab_meta(dom)
+        if meta is None or meta.get("group") != group:
+            raise StateError(f"domain {name!r} is not a member of lab group {group!r}; refusing to destroy it")
+        directory = Path(meta.get("dir", ""))
+        if not directory.is_absolute() or directory.name != name:
+            raise StateError(f"lab metadata of {name!r} names an unexpected directory {str(directory)!r}; refusing")
+        _remove(dom, directory)
+        removed.append(name)
+    for name in removed:
+        try:
+            lv.lookup(conn, name)
+        except NotFoundError:
+            continue
+        raise CgrepError(f"domain {name!r} could not be removed")
+    shutil.rmtree(gdir, ignore_errors=True)
+    return tuple(removed)

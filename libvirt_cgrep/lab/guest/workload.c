@@ -13,6 +13,15 @@
  * Placement of record n: vm = n % V; k = n / V; disk = k % D;
  *   slot = (k / D) % S; offset = slot * bs.
  *
+ * Group mode (write mode with --vms V > 1): the chain spans V VMs, and this
+ * VM writes record n only when told so by a host-side relay.  After the scan
+ * the workload reads lines "GO <n>" from its standard input (the serial
+ * console, switched to raw input without echo), writes record n (it must be
+ * one of this VM's, n % V == vm) and then prints "CGREP DONE seq=<n>".  A GO
+ * for the record it acknowledged last is answered with DONE again without
+ * writing; a GO for another VM's record or an older record is refused with a
+ * CGREP ERROR line.  The periodic ACK lines go on as in single-VM mode.
+ *
  * Build: gcc -static -O2 -o cgrep-workload workload.c
  */
 #define _GNU_SOURCE
@@ -26,9 +35,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -466,6 +477,39 @@ static void sleep_reporting(struct stats *st, int64_t acked, uint64_t until, uin
     }
 }
 
+/* pwrite + fdatasync record n at its place; errors are reported and retried. */
+static void write_record(const struct geom *g, unsigned char *buf, uint64_t n, uint64_t run_id, struct stats *st,
+                         int64_t acked, uint64_t report_ns)
+{
+    build_record(buf, g, n, run_id);
+    struct place pl = place_of(g, n);
+    int fd = disks[pl.disk].fd;
+    for (;;) {
+        uint64_t t1 = now_ns();
+        ssize_t w = pwrite(fd, buf, g->bs, (off_t)(pl.slot * g->bs));
+        int err = 0;
+        if (w < 0)
+            err = errno;
+        else if ((size_t)w != g->bs)
+            err = EIO;
+        else if (fdatasync(fd) != 0)
+            err = errno;
+        uint64_t t2 = now_ns();
+        if (err == 0) {
+            uint64_t lat = t2 - t1;
+            st->n++;
+            st->lat_sum_ns += lat;
+            if (lat > st->lat_max_ns)
+                st->lat_max_ns = lat;
+            return;
+        }
+        if (err == EINTR)
+            continue;
+        out_line("CGREP ERROR seq=%" PRIu64 " errno=%d", n, err);
+        sleep_reporting(st, acked, now_ns() + ERROR_RETRY_MS * 1000000ull, report_ns);
+    }
+}
+
 static void write_loop(const struct geom *g, unsigned char *buf, int64_t max, uint64_t rate, uint64_t report_ms,
                        uint64_t run_id)
 {
@@ -488,39 +532,125 @@ static void write_loop(const struct geom *g, unsigned char *buf, int64_t max, ui
             uint64_t due = t0 + issued * 1000000000ull / rate;
             sleep_reporting(&st, acked, due, report_ns);
         }
-        build_record(buf, g, n, run_id);
-        struct place pl = place_of(g, n);
-        int fd = disks[pl.disk].fd;
-        for (;;) {
-            uint64_t t1 = now_ns();
-            ssize_t w = pwrite(fd, buf, g->bs, (off_t)(pl.slot * g->bs));
-            int err = 0;
-            if (w < 0)
-                err = errno;
-            else if ((size_t)w != g->bs)
-                err = EIO;
-            else if (fdatasync(fd) != 0)
-                err = errno;
-            uint64_t t2 = now_ns();
-            if (err == 0) {
-                uint64_t lat = t2 - t1;
-                st.n++;
-                st.lat_sum_ns += lat;
-                if (lat > st.lat_max_ns)
-                    st.lat_max_ns = lat;
-                break;
-            }
-            if (err == EINTR)
-                continue;
-            out_line("CGREP ERROR seq=%" PRIu64 " errno=%d", n, err);
-            sleep_reporting(&st, acked, now_ns() + ERROR_RETRY_MS * 1000000ull, report_ns);
-        }
+        write_record(g, buf, n, run_id, &st, acked, report_ns);
         acked = (int64_t)n;
         issued++;
         n += g->vms;
         uint64_t now = now_ns();
         if (now - st.last_report_ns >= report_ns)
             report(&st, acked, now);
+    }
+}
+
+/* ----------------------------------------------------------- group mode */
+
+/* Raw, echo-less input on the console so the relay's GO lines are delivered
+ * byte by byte and never echoed into the console log; output flags stay as
+ * they are (the console format does not change).  115200 baud shortens the
+ * UART's receive timeout.  Best effort: not a tty, nothing to do. */
+static void console_raw_input(void)
+{
+    struct termios t;
+    if (tcgetattr(STDIN_FILENO, &t) != 0)
+        return;
+    t.c_lflag &= ~(tcflag_t)(ICANON | ECHO | ECHOE | ECHOK | ECHONL | ISIG | IEXTEN);
+    t.c_iflag &= ~(tcflag_t)(IXON | IXOFF | ICRNL | INLCR | IGNCR | ISTRIP | BRKINT);
+    t.c_cc[VMIN] = 1;
+    t.c_cc[VTIME] = 0;
+    cfsetispeed(&t, B115200);
+    cfsetospeed(&t, B115200);
+    tcsetattr(STDIN_FILENO, TCSANOW, &t);
+}
+
+/* One command line from the relay; returns the new last acknowledged record. */
+static int64_t group_command(const struct geom *g, unsigned char *buf, const char *line, int64_t acked, uint64_t run_id,
+                             struct stats *st, uint64_t report_ns)
+{
+    if (line[0] == '\0')
+        return acked;
+    if (strncmp(line, "GO ", 3) != 0 || line[3] < '0' || line[3] > '9') {
+        out_line("CGREP ERROR bad command '%.40s'", line);
+        return acked;
+    }
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(line + 3, &end, 10);
+    if (errno != 0 || *end != '\0' || v > (unsigned long long)INT64_MAX) {
+        out_line("CGREP ERROR bad command '%.40s'", line);
+        return acked;
+    }
+    uint64_t n = (uint64_t)v;
+    if (n % g->vms != g->vm) {
+        out_line("CGREP ERROR go=%" PRIu64 " belongs to vm %" PRIu64 ", this is vm %" PRIu32, n, n % g->vms, g->vm);
+        return acked;
+    }
+    if (acked >= 0 && (int64_t)n < acked) {
+        out_line("CGREP ERROR go=%" PRIu64 " is older than the last acknowledged record %" PRId64, n, acked);
+        return acked;
+    }
+    if ((int64_t)n != acked) {
+        write_record(g, buf, n, run_id, st, acked, report_ns);
+        acked = (int64_t)n;
+    }
+    out_line("CGREP DONE seq=%" PRIu64, n);
+    return acked;
+}
+
+/* Group mode: write only the records the relay asks for, report as write_loop does. */
+static void group_loop(const struct geom *g, unsigned char *buf, int64_t max, uint64_t report_ms, uint64_t run_id)
+{
+    uint64_t report_ns = report_ms * 1000000ull;
+    int64_t acked = max;
+    struct stats st = {0};
+    st.last_report_ns = now_ns();
+    char line[64];
+    size_t len = 0;
+    int overlong = 0, input_open = 1;
+    console_raw_input();
+
+    for (;;) {
+        uint64_t now = now_ns();
+        if (now - st.last_report_ns >= report_ns) {
+            report(&st, acked, now);
+            continue;
+        }
+        if (!input_open) {
+            sleep_until_ns(st.last_report_ns + report_ns);
+            continue;
+        }
+        uint64_t wait_ns = st.last_report_ns + report_ns - now;
+        struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
+        int pr = poll(&pfd, 1, (int)((wait_ns + 999999u) / 1000000u));
+        if (pr <= 0)
+            continue;
+        char in[256];
+        ssize_t r = read(STDIN_FILENO, in, sizeof(in));
+        if (r < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (r <= 0) {
+            out_line("CGREP ERROR console input closed (errno=%d)", r < 0 ? errno : 0);
+            input_open = 0;
+            continue;
+        }
+        for (ssize_t i = 0; i < r; i++) {
+            char c = in[i];
+            if (c == '\n' || c == '\r') {
+                line[len] = '\0';
+                if (overlong)
+                    out_line("CGREP ERROR bad command (too long)");
+                else
+                    acked = group_command(g, buf, line, acked, run_id, &st, report_ns);
+                len = 0;
+                overlong = 0;
+                now = now_ns();
+                if (now - st.last_report_ns >= report_ns)
+                    report(&st, acked, now);
+            } else if (len < sizeof(line) - 1) {
+                line[len++] = c;
+            } else {
+                overlong = 1;
+            }
+        }
     }
 }
 
@@ -664,6 +794,9 @@ int main(int argc, char **argv)
         out_line("CGREP SCANDONE");
         idle_forever();
     }
-    write_loop(&g, buf, sr.max, rate, report_ms, run_id);
+    if (g.vms > 1)
+        group_loop(&g, buf, sr.max, report_ms, run_id);
+    else
+        write_loop(&g, buf, sr.max, rate, report_ms, run_id);
     return 0;
 }

@@ -1,0 +1,547 @@
+"""The host-side relay of a lab group: it carries the dependent-write chain from VM to VM.
+
+A lab group's members run the workload in group mode: member ``I`` of ``V``
+writes record ``n`` (``n % V == I``) only when it reads ``GO <n>`` on its
+serial console, and then prints ``CGREP DONE seq=<n>``. The relay is the only
+one who says GO: on ``DONE n`` from member ``n % V`` it sends ``GO n+1`` to
+member ``(n+1) % V``. So record ``n+1`` is issued only after record ``n`` was
+acknowledged on another VM, and a cut of the group is consistent only if it
+holds the members still (a group fence).
+
+The relay talks to each member through the pty of its ``<serial type='pty'>``
+(QEMU's chardev: what is written there is the guest's console input, what the
+guest prints can be read there). It reads the pty rather than following the
+console log: once a pty is open QEMU sends it every byte the guest prints and
+stalls the guest's console when nobody drains it, and reading it is also
+quicker than polling the file virtlogd writes. The console log still gets
+everything. Where to start is read from the logs: one past the highest record
+any member scanned on its disks or acknowledged since it booted.
+
+It never touches an image, it sends one GO at a time and only the next
+record's. A GO that got no DONE within :data:`RESEND_S` of the target VM running is
+sent again (a paused VM just waits; the guest answers a repeated GO for its
+last record with DONE again, without writing). A member whose
+domain stops is reconnected when it runs again; when no member exists any
+more the relay exits.
+
+Run detached by ``lab up --group`` (``python -m libvirt_cgrep.lab.relay
+--daemon --group G --dir DIR -c URI G-0 G-1 ...``); stopped with SIGTERM by
+``lab down``. In the group directory: ``relay.pid``, ``relay.json`` (status,
+rewritten every second) and ``relay.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from libvirt_cgrep.errors import StateError
+
+PID_FILE = "relay.pid"
+STATUS_FILE = "relay.json"
+LOG_FILE = "relay.log"
+MODULE = "libvirt_cgrep.lab.relay"
+
+#: Seconds without the awaited DONE before the GO is sent again (target running).
+RESEND_S = 2.0
+#: Seconds between attempts to reopen the pty of a member whose domain stopped.
+RECONNECT_S = 1.0
+#: Seconds between rewrites of relay.json.
+STATUS_S = 1.0
+_LOG_TAIL = 256 << 10
+
+_LINE = re.compile(rb"CGREP (DONE|READY|SCAN|ACK|ERROR|FATAL|EXIT)\b([^\r\n]*)")
+_KV = re.compile(rb"(\w+)=(-?\d+)")
+
+
+def go_line(n: int) -> bytes:
+    """The command for record ``n``: 16 bytes for n < 10**12, two UART trigger levels' worth."""
+    return f"GO {n:012d}\n".encode()
+
+
+# ------------------------------------------------------------------ control
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """A relay as seen from its pid file and status file."""
+
+    pid: int | None
+    running: bool
+    next: int | None = None
+    relayed: int | None = None
+    rate: float | None = None
+    updated: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "pid": self.pid,
+            "running": self.running,
+            "next": self.next,
+            "relayed": self.relayed,
+            "rate": self.rate,
+            "updated": self.updated,
+        }
+
+
+def _read_pid(gdir: Path) -> int | None:
+    try:
+        text = (gdir / PID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _is_our_relay(pid: int, group: str | None) -> bool:
+    """``pid`` is a live (not zombie) relay process, of ``group`` when given."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat[stat.rfind(")") + 2 :].startswith(("Z", "X")):
+        return False
+    args = cmdline.split(b"\0")
+    if MODULE.encode() not in args:
+        return False
+    if group is None:
+        return True
+    return any(a == b"--group" and b == group.encode() for a, b in itertools.pairwise(args))
+
+
+def status(gdir: Path) -> RelayStatus:
+    """The relay of the group in ``gdir`` (``running`` False when there is none)."""
+    pid = _read_pid(gdir)
+    running = pid is not None and _is_our_relay(pid, None)
+    try:
+        data = json.loads((gdir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or data.get("pid") != pid:
+        data = {}
+
+    def num(key: str) -> float | None:
+        v = data.get(key)
+        return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    nxt, relayed = num("next"), num("relayed")
+    return RelayStatus(
+        pid=pid,
+        running=running,
+        next=int(nxt) if nxt is not None else None,
+        relayed=int(relayed) if relayed is not None else None,
+        rate=num("rate"),
+        updated=num("updated"),
+    )
+
+
+def start(gdir: Path, group: str, members: Sequence[str], *, uri: str, timeout: float = 120.0) -> int:
+    """Start the relay of ``group`` detached; returns its pid once it runs (StateError if it cannot)."""
+    argv = [sys.executable, "-m", MODULE, "--daemon", "--group", group, "--dir", str(gdir), "-c", uri]
+    argv += ["--timeout", str(int(timeout)), *members]
+    try:
+        res = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 30, check=False, cwd="/"
+        )
+    except subprocess.TimeoutExpired as exc:
+        stop(gdir, group)
+        raise StateError(f"the relay of lab group {group!r} did not start within {timeout:.0f} s") from exc
+    if res.returncode != 0:
+        lines = [x for x in (res.stderr or "").splitlines() if x.strip()]
+        why = lines[-1] if lines else f"exit status {res.returncode}"
+        raise StateError(f"the relay of lab group {group!r} did not start: {why} (see {gdir / LOG_FILE})")
+    pid = _read_pid(gdir)
+    if pid is None or not _is_our_relay(pid, group):
+        raise StateError(f"the relay of lab group {group!r} is not running (see {gdir / LOG_FILE})")
+    return pid
+
+
+def stop(gdir: Path, group: str, *, timeout: float = 10.0) -> bool:
+    """Stop the relay of ``group`` (SIGTERM, then SIGKILL); True if one was running."""
+    pid = _read_pid(gdir)
+    if pid is None or not _is_our_relay(pid, group):
+        with contextlib.suppress(OSError):
+            (gdir / PID_FILE).unlink()
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_our_relay(pid, group):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        (gdir / PID_FILE).unlink()
+    return True
+
+
+# -------------------------------------------------------------------- relay
+
+
+@dataclass
+class _Member:
+    name: str
+    index: int
+    fd: int | None = None
+    pty: str | None = None
+    log: Path | None = None
+    buf: bytearray = field(default_factory=bytearray)
+    done: int = -1  # highest DONE seen from this member on its pty
+
+
+def _log(msg: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} relay: {msg}", flush=True)
+
+
+class Relay:
+    """The relay loop over the members' ptys. Needs libvirt (imported lazily: the control side does not)."""
+
+    def __init__(self, uri: str, group: str, gdir: Path, names: Sequence[str]) -> None:
+        import libvirt
+
+        self.libvirt = libvirt
+        self.conn = libvirt.open(uri)
+        self.group = group
+        self.gdir = gdir
+        self.members = [_Member(n, i) for i, n in enumerate(names)]
+        self.vms = len(self.members)
+        self.next = 0
+        self.live = False  # relaying (not before the resume point is known)
+        self.sent_at = 0.0
+        self.relayed = 0
+        self.stopping = False
+        self.started = time.time()
+        self.poller = select.poll()
+        self.by_fd: dict[int, _Member] = {}
+
+    # -- libvirt and ptys
+
+    def _domain(self, name: str) -> Any:
+        """The domain, or None if it does not exist."""
+        try:
+            return self.conn.lookupByName(name)
+        except self.libvirt.libvirtError as exc:
+            if exc.get_error_code() == self.libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _running(self, name: str) -> bool:
+        try:
+            dom = self._domain(name)
+            return dom is not None and bool(dom.state()[0] == self.libvirt.VIR_DOMAIN_RUNNING)
+        except self.libvirt.libvirtError:
+            return False
+
+    def connect(self, m: _Member) -> bool:
+        """Open the member's pty (its domain must be active); False if it is not there now."""
+        from lxml import etree
+
+        dom = self._domain(m.name)
+        if dom is None or not dom.isActive():
+            return False
+        root = etree.fromstring(dom.XMLDesc(0).encode())
+        serial = root.find("devices/serial[@type='pty']")
+        src = serial.find("source") if serial is not None else None
+        path = src.get("path") if src is not None else None
+        if serial is None or not path:
+            raise StateError(f"domain {m.name!r} has no pty serial console")
+        log = serial.find("log")
+        m.log = Path(log.get("file", "")) if log is not None and log.get("file") else None
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(termios.error):
+            tty.setraw(fd)  # no echo of the guest's output back into its input
+        m.fd, m.pty, m.buf = fd, path, bytearray()
+        self.by_fd[fd] = m
+        self.poller.register(fd, select.POLLIN)
+        return True
+
+    def disconnect(self, m: _Member, why: str) -> None:
+        if m.fd is None:
+            return
+        self.poller.unregister(m.fd)
+        del self.by_fd[m.fd]
+        with contextlib.suppress(OSError):
+            os.close(m.fd)
+        m.fd = None
+        _log(f"{m.name}: console closed ({why}); reconnecting when it runs")
+
+    # -- where to start
+
+    def _boot_text(self, m: _Member) -> bytes:
+        """The member's console log since its last boot (the rotated log too when needed)."""
+        if m.log is None:
+            return b""
+        text = b""
+        for p in (Path(f"{m.log}.0"), m.log):
+            try:
+                with open(p, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - _LOG_TAIL))
+                    text += f.read()
+            except OSError:
+                continue
+        i = text.rfind(b"CGREP READY")
+        return text[i:] if i >= 0 else text
+
+    def resume_point(self, timeout: float) -> int:
+        """One past the highest record any member has, once every member scanned its disks."""
+        deadline = time.monotonic() + timeout
+        while True:
+            highest = -1
+            missing = []
+            for m in self.members:
+                text = self._boot_text(m)
+                seen = False
+                for kind, rest in _LINE.findall(text):
+                    kv = dict(_KV.findall(rest))
+                    if kind in (b"FATAL", b"EXIT"):
+                        raise StateError(f"workload of {m.name!r} failed: {(kind + rest).decode(errors='replace')}")
+                    key = b"max" if kind == b"SCAN" else b"seq"
+                    if kind in (b"SCAN", b"DONE", b"ACK") and key in kv:
+                        highest = max(highest, int(kv[key]))
+                        seen = True
+                highest = max(highest, m.done)
+                if not seen:
+                    missing.append(m.name)
+            if not missing:
+                return highest + 1
+            if time.monotonic() > deadline:
+                raise StateError(f"no scan result on the console of {', '.join(missing)} within {timeout:.0f} s")
+            self.pump(0.1)
+
+    # -- the chain
+
+    def send(self, n: int, *, again: bool = False) -> None:
+        m = self.members[n % self.vms]
+        self.sent_at = time.monotonic()
+        if m.fd is None:
+            return
+        try:
+            os.write(m.fd, go_line(n))
+        except BlockingIOError:
+            _log(f"{m.name}: console input full, GO {n} not sent")
+        except OSError as exc:
+            self.disconnect(m, exc.strerror or str(exc))
+            return
+        if again:
+            _log(f"{m.name}: no DONE for record {n} within {RESEND_S:.0f} s; sent GO {n} again")
+
+    def line(self, m: _Member, raw: bytes) -> None:
+        hit = _LINE.search(raw)
+        if hit is None:
+            return
+        kind, rest = hit.group(1), hit.group(2)
+        if kind == b"DONE":
+            kv = dict(_KV.findall(rest))
+            if b"seq" not in kv:
+                return
+            n = int(kv[b"seq"])
+            m.done = max(m.done, n)
+            if not self.live:
+                return
+            if n == self.next and n % self.vms == m.index:
+                self.next = n + 1
+                self.relayed += 1
+                self.send(self.next)
+            elif n > self.next:
+                _log(f"{m.name}: DONE {n} ahead of the chain (expected {self.next}); not relayed")
+        elif kind in (b"READY", b"ERROR", b"FATAL", b"EXIT"):
+            _log(f"{m.name}: {raw.decode(errors='replace').strip()}")
+
+    def pump(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for console output and handle every complete line."""
+        for fd, ev in self.poller.poll(int(timeout_s * 1000)):
+            m = self.by_fd.get(fd)
+            if m is None:
+                continue
+            data = b""
+            if ev & select.POLLIN:
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self.disconnect(m, exc.strerror or str(exc))
+                    continue
+            if not data:
+                self.disconnect(m, "hang-up")
+                continue
+            m.buf += data
+            while True:
+                i = m.buf.find(b"\n")
+                if i < 0:
+                    break
+                raw = bytes(m.buf[:i])
+                del m.buf[: i + 1]
+                self.line(m, raw)
+            if len(m.buf) > 4096:
+                del m.buf[:-512]
+
+    def write_status(self, rate: float | None) -> None:
+        from libvirt_cgrep.adapters.fs import save_file
+
+        data = {
+            "pid": os.getpid(),
+            "group": self.group,
+            "next": self.next,
+            "relayed": self.relayed,
+            "rate": rate,
+            "started": self.started,
+            "updated": time.time(),
+            "members": {m.name: m.pty if m.fd is not None else None for m in self.members},
+        }
+        save_file(self.gdir / STATUS_FILE, (json.dumps(data, indent=2) + "\n").encode())
+
+    def run(self) -> None:
+        """Relay until SIGTERM, or until no member exists any more."""
+        self.live = True
+        self.send(self.next)
+        last_reconnect = last_status = time.monotonic()
+        last_relayed = self.relayed
+        self.write_status(None)
+        while not self.stopping:
+            self.pump(0.2)
+            now = time.monotonic()
+            if now - self.sent_at > RESEND_S:
+                if self._running(self.members[self.next % self.vms].name):
+                    self.send(self.next, again=True)
+                else:  # paused or stopped: count the wait from when it runs again
+                    self.sent_at = now
+            if now - last_reconnect >= RECONNECT_S and any(m.fd is None for m in self.members):
+                last_reconnect = now
+                gone = 0
+                for m in self.members:
+                    if m.fd is not None:
+                        continue
+                    if self._domain(m.name) is None:
+                        gone += 1
+                    elif self.connect(m):
+                        _log(f"{m.name}: console reopened ({m.pty})")
+                if gone == self.vms:
+                    _log("no member exists any more; exiting")
+                    return
+            if now - last_status >= STATUS_S:
+                rate = (self.relayed - last_relayed) / (now - last_status)
+                last_status, last_relayed = now, self.relayed
+                self.write_status(rate)
+
+
+# --------------------------------------------------------------------- main
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description="Relay the dependent-write chain of a lab group.")
+    p.add_argument("--group", required=True, help="the group name")
+    p.add_argument("--dir", type=Path, help="the group directory (default $CGREP_LAB_DIR/GROUP)")
+    p.add_argument("-c", "--connect", default=None, help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    p.add_argument("--daemon", action="store_true", help="detach; return once relaying (exit 1 with the reason if not)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every member's scan (default 120)")
+    p.add_argument("members", nargs="+", metavar="DOMAIN", help="the members, member 0 first")
+    return p.parse_args(argv)
+
+
+def _detach(gdir: Path) -> int:
+    """Fork; the parent waits for the child's word and exits with it. Returns the child's write end."""
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        msg = b""
+        while chunk := os.read(r, 4096):
+            msg += chunk
+        if msg.startswith(b"ok"):
+            os._exit(0)
+        sys.stderr.write((msg.decode(errors="replace").strip() or "relay exited during start-up") + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(gdir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+    return w
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from libvirt_cgrep.adapters import libvirt as lv
+    from libvirt_cgrep.adapters.fs import save_file
+    from libvirt_cgrep.core.names import validate_name
+    from libvirt_cgrep.lab.domain import lab_root
+
+    args = _parse(argv)
+    group = validate_name(args.group, "group name")
+    for n in args.members:
+        validate_name(n, "domain name")
+    gdir: Path = args.dir or lab_root() / group
+    if len(args.members) < 2:
+        print("a group needs at least 2 members", file=sys.stderr)
+        return 64
+    old = _read_pid(gdir)
+    if old is not None and _is_our_relay(old, group):
+        print(f"the relay of {group!r} already runs (pid {old})", file=sys.stderr)
+        return 1
+    ready = _detach(gdir) if args.daemon else None
+    relay: Relay | None = None
+    try:
+
+        def on_signal(_sig: int, _frame: FrameType | None) -> None:
+            if relay is not None:
+                relay.stopping = True
+            else:
+                raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        save_file(gdir / PID_FILE, f"{os.getpid()}\n".encode())
+        relay = Relay(args.connect or lv.default_uri(), group, gdir, args.members)
+        for m in relay.members:
+            if not relay.connect(m):
+                raise StateError(f"member {m.name!r} is not running")
+        relay.next = relay.resume_point(args.timeout)
+        _log(f"group {group}: {relay.vms} members, starting at record {relay.next}")
+        if ready is not None:
+            os.write(ready, b"ok\n")
+            os.close(ready)
+            ready = None
+        relay.run()
+        _log(f"stopped; relayed {relay.relayed} records, next {relay.next}")
+        return 0
+    except BaseException as exc:
+        why = str(exc) or type(exc).__name__
+        _log(f"failed: {why}")
+        if ready is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready, why.encode())
+        if isinstance(exc, SystemExit):
+            return 0
+        return 1
+    finally:
+        if _read_pid(gdir) == os.getpid():
+            with contextlib.suppress(OSError):
+                (gdir / PID_FILE).unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
