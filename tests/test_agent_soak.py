@@ -11,7 +11,10 @@ sampled every second as a cross-check.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from libvirt_cgrep.agent.db import StateDB, db_path
 from libvirt_cgrep.cli import run
 from libvirt_cgrep.lab import domain as labdom
 from tests.conftest import URI, LabFactory, wait_progress
-from tests.test_agent import agent_dir, alerts, start_agent, status, stop_agent
+from tests.test_agent import agent_dir, alerts, start_agent, stop_agent
 from tests.test_agent_faults import verify_all
 
 __all__ = ["agent_dir"]  # the fixture, re-exported for pytest
@@ -41,12 +44,24 @@ def test_rpo_60s_held_for_30_minutes_with_a_10_mb_s_writer(
     assert run(["-c", URI, "protect", vm.name, "--target", str(target), "--rpo", f"{RPO}s", "--keep", "24"]) == 0
     proc = start_agent(agent_dir, vm.name)
     samples: list[str] = []
+    status_errors: list[str] = []
     try:
         end = time.monotonic() + MINUTES * 60
         while time.monotonic() < end:
             time.sleep(1)
             assert proc.poll() is None, "the agent died"
-            rows = [r for r in status(agent_dir) if r["group"] == vm.name] if db_path(agent_dir).exists() else []
+            if not db_path(agent_dir).exists():
+                continue
+            out = subprocess.run(
+                [sys.executable, "-m", "libvirt_cgrep", "status", "--state-dir", str(agent_dir), "--json"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                status_errors.append(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+                continue
+            rows = [r for r in json.loads(out.stdout) if r["group"] == vm.name]
             if rows:
                 samples.append(str(rows[0]["state"]))
         t_end = time.time()
@@ -67,7 +82,8 @@ def test_rpo_60s_held_for_30_minutes_with_a_10_mb_s_writer(
         f"RPO {RPO} s, 10 MiB/s, {MINUTES:.0f} min: within the RPO {100 * comp.fraction:.3f} % of {comp.seconds:.0f} s "
         f"(violated {comp.violated_s:.1f} s), oldest newest-point {comp.max_age_s:.1f} s; {len(ok)} points, "
         f"{len(cycles) - len(ok)} failed cycles, cycle s median {durations[len(durations) // 2]:.1f} max {durations[-1]:.1f}, "
-        f"{shipped / (1 << 20) / max(comp.seconds, 1):.1f} MiB/s shipped; states sampled {sorted(set(samples))}; alerts {kinds}"
+        f"{shipped / (1 << 20) / max(comp.seconds, 1):.1f} MiB/s shipped; states sampled {sorted(set(samples))}; alerts {kinds}; "
+        f"status failed {len(status_errors)} times of {len(samples) + len(status_errors)}: {sorted(set(status_errors))}"
     )
     assert comp.violated_s == 0 and comp.fraction == 1.0
     assert "violated" not in samples[first_ok:]
@@ -76,3 +92,4 @@ def test_rpo_60s_held_for_30_minutes_with_a_10_mb_s_writer(
     assert labdom.get(conn, vm.name).state == "running"
     wait_progress(vm.directory / "console.log", records=10)
     verify_all(target)
+    assert not status_errors, status_errors  # 'virt-cgrep status' must not fail while the agent writes its state

@@ -97,6 +97,29 @@ def test_go_line_is_two_uart_trigger_levels() -> None:
     assert relay.go_line(7) == b"GO 000000000007\n" and len(relay.go_line(10**12 - 1)) == 16
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--group", "g1", "--vms", "1"],
+        ["--group", "g1", "--vms", "17"],
+        ["--group", "g1", "--vms", "two"],
+        ["n1", "--group", "g1"],
+        ["n1", "--vms", "2"],
+        ["--group", "../g1"],
+        ["--group", "g1", "--rate", "100"],
+        [],
+    ],
+)
+def test_group_usage_errors(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    def ours() -> set[Path]:
+        return {*labdom.lab_root().glob("g1*"), *labdom.lab_root().glob("n1*")}
+
+    before = ours()
+    assert run(["lab", "up", *args]) == 64
+    assert capsys.readouterr().err.count("\n") == 1
+    assert ours() == before
+
+
 def test_group_up_status_check_and_down_by_cli(conn: libvirt.virConnect, capsys: pytest.CaptureFixture[str]) -> None:
     """`lab up --group G --vms 3`: the chain runs across all three VMs; a paused member holds it; `lab down G-1` removes all."""
     name = unique_name("g3")

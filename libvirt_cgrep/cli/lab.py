@@ -163,6 +163,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UsageError(f"record size {bs} must be a multiple of 4096")
     if size < bs * disks:
         raise UsageError(f"disk size {format_size(size)} is too small for {bs}-byte records")
+    if vms > 1 and rate:
+        raise UsageError("--rate does not apply to a group: the relay sets the pace")
     conn = lv.connect(args.connect)
     art = build_guest(offline=True)
     if vms > 1:

@@ -228,9 +228,12 @@ def list_all(conn: libvirt.virConnect) -> tuple[LabDomain, ...]:
     """Every lab domain on the connection, sorted by name."""
     out = []
     for dom in lv.call("listing domains", conn.listAllDomains, 0):
-        meta = _lab_meta(dom)
-        if meta is not None:
-            out.append(_describe(conn, dom, meta))
+        try:
+            meta = _lab_meta(dom)
+            if meta is not None:
+                out.append(_describe(conn, dom, meta))
+        except NotFoundError:
+            continue  # undefined meanwhile
     return tuple(sorted(out, key=lambda d: d.name))
 
 
@@ -317,7 +320,10 @@ def _remove(dom: libvirt.virDomain | None, directory: Path) -> None:
 
 
 def down(conn: libvirt.virConnect, name: str) -> None:
-    """Destroy a lab domain, undefine it and remove its directory (idempotent on leftovers)."""
+    """Destroy a lab domain, undefine it and remove its directory (idempotent on leftovers).
+
+    For a lab group, or any member of one, the whole group goes (:func:`group_down`).
+    """
     validate_name(name, "domain name")
     try:
         dom = lv.lookup(conn, name)
@@ -412,14 +418,22 @@ def is_group(conn: libvirt.virConnect, name: str) -> bool:
 def get_group(conn: libvirt.virConnect, group: str) -> LabGroup:
     """The lab group ``group``; NotFoundError if it has neither members nor a directory."""
     validate_name(group, "group name")
-    members = [d for d in list_all(conn) if d.group == group]
-    expected = _group_file_members(group)
-    if not members and not (group_dir(group) / GROUP_FILE).is_file():
+    names = _group_file_members(group) or tuple(d.name for d in list_all(conn) if d.group == group)
+    if not names and not (group_dir(group) / GROUP_FILE).is_file():
         raise NotFoundError(f"lab group {group!r} not found")
-    present = {m.name for m in members}
-    missing = tuple(n for n in expected if n not in present)
+    members: list[LabDomain] = []
+    missing: list[str] = []
+    for name in names:
+        try:
+            member = get(conn, name)
+        except NotFoundError:
+            missing.append(name)
+            continue
+        if member.group != group:
+            raise StateError(f"domain {name!r} is not a member of lab group {group!r}")
+        members.append(member)
     members.sort(key=lambda m: m.vm)
-    return LabGroup(group, group_dir(group), tuple(members), missing, relay.status(group_dir(group)))
+    return LabGroup(group, group_dir(group), tuple(members), tuple(missing), relay.status(group_dir(group)))
 
 
 def wait_for_done(paths: Sequence[Path], *, after: int = -1, timeout: float = 90.0) -> int:

@@ -20,9 +20,10 @@ any member scanned on its disks or acknowledged since it booted.
 It never touches an image, it sends one GO at a time and only the next
 record's. A GO that got no DONE within :data:`RESEND_S` of the target VM running is
 sent again (a paused VM just waits; the guest answers a repeated GO for its
-last record with DONE again, without writing). A member whose
-domain stops is reconnected when it runs again; when no member exists any
-more the relay exits.
+last record with DONE again, without writing). A member whose domain stops is
+reconnected when it runs again, and gets the GO it awaits once its workload
+scanned its disks (it drops console input that came before); when no member
+exists any more the relay exits.
 
 Run detached by ``lab up --group`` (``python -m libvirt_cgrep.lab.relay
 --daemon --group G --dir DIR -c URI G-0 G-1 ...``); stopped with SIGTERM by
@@ -205,6 +206,8 @@ class _Member:
     log: Path | None = None
     buf: bytearray = field(default_factory=bytearray)
     done: int = -1  # highest DONE seen from this member on its pty
+    listening: bool = True  # its workload reads GO lines (it scanned since it booted)
+    mark: int = 0  # size of its console log when its console closed: a new boot shows after it
 
 
 def _log(msg: str) -> None:
@@ -226,6 +229,7 @@ class Relay:
         self.vms = len(self.members)
         self.next = 0
         self.live = False  # relaying (not before the resume point is known)
+        self.target_paused = False  # the VM the awaited GO went to was seen not running
         self.sent_at = 0.0
         self.relayed = 0
         self.stopping = False
@@ -272,6 +276,8 @@ class Relay:
         m.fd, m.pty, m.buf = fd, path, bytearray()
         self.by_fd[fd] = m
         self.poller.register(fd, select.POLLIN)
+        # The pty is open: what the log does not show yet comes here.
+        m.listening = b"CGREP SCAN" in self._boot_text(m, since=m.mark)
         return True
 
     def disconnect(self, m: _Member, why: str) -> None:
@@ -282,25 +288,40 @@ class Relay:
         with contextlib.suppress(OSError):
             os.close(m.fd)
         m.fd = None
+        m.mark = 0
+        if m.log is not None:
+            with contextlib.suppress(OSError):
+                m.mark = m.log.stat().st_size
         _log(f"{m.name}: console closed ({why}); reconnecting when it runs")
 
     # -- where to start
 
-    def _boot_text(self, m: _Member) -> bytes:
-        """The member's console log since its last boot (the rotated log too when needed)."""
+    def _boot_text(self, m: _Member, since: int = 0) -> bytes:
+        """The member's console log since its last boot (the rotated log too when needed).
+
+        With ``since`` > 0 only what the log got past that offset counts, and it
+        must show a boot (empty otherwise); a log shorter than that was rotated.
+        """
         if m.log is None:
             return b""
         text = b""
         for p in (Path(f"{m.log}.0"), m.log):
+            if since and p != m.log:
+                continue
             try:
                 with open(p, "rb") as f:
                     size = f.seek(0, os.SEEK_END)
-                    f.seek(max(0, size - _LOG_TAIL))
+                    start = max(0, size - _LOG_TAIL)
+                    if since and size >= since:
+                        start = max(start, since)
+                    f.seek(start)
                     text += f.read()
             except OSError:
                 continue
         i = text.rfind(b"CGREP READY")
-        return text[i:] if i >= 0 else text
+        if i < 0:
+            return b"" if since else text
+        return text[i:]
 
     def resume_point(self, timeout: float) -> int:
         """One past the highest record any member has, once every member scanned its disks."""
@@ -333,6 +354,8 @@ class Relay:
     def send(self, n: int, *, again: bool = False) -> None:
         m = self.members[n % self.vms]
         self.sent_at = time.monotonic()
+        if not again:
+            self.target_paused = False
         if m.fd is None:
             return
         try:
@@ -364,7 +387,14 @@ class Relay:
                 self.send(self.next)
             elif n > self.next:
                 _log(f"{m.name}: DONE {n} ahead of the chain (expected {self.next}); not relayed")
+        elif kind == b"SCAN":
+            m.listening = True
+            if self.live and self.next % self.vms == m.index:
+                _log(f"{m.name}: workload (re)started; sending GO {self.next}")
+                self.send(self.next)
         elif kind in (b"READY", b"ERROR", b"FATAL", b"EXIT"):
+            if kind == b"READY":
+                m.listening = False
             _log(f"{m.name}: {raw.decode(errors='replace').strip()}")
 
     def pump(self, timeout_s: float) -> None:
@@ -421,21 +451,29 @@ class Relay:
         while not self.stopping:
             self.pump(0.2)
             now = time.monotonic()
-            if now - self.sent_at > RESEND_S:
-                if self._running(self.members[self.next % self.vms].name):
+            stalled = now - self.sent_at > RESEND_S
+            if stalled or self.target_paused:
+                target = self.members[self.next % self.vms]
+                if target.fd is None or not target.listening or not self._running(target.name):
+                    self.target_paused = True  # paused, stopped or booting: looked at every loop until it runs
+                elif self.target_paused:
+                    self.target_paused = False
+                    self.sent_at = now  # it runs again: the wait for its DONE starts now
+                else:
                     self.send(self.next, again=True)
-                else:  # paused or stopped: count the wait from when it runs again
-                    self.sent_at = now
             if now - last_reconnect >= RECONNECT_S and any(m.fd is None for m in self.members):
                 last_reconnect = now
                 gone = 0
                 for m in self.members:
                     if m.fd is not None:
                         continue
-                    if self._domain(m.name) is None:
-                        gone += 1
-                    elif self.connect(m):
-                        _log(f"{m.name}: console reopened ({m.pty})")
+                    try:
+                        if self._domain(m.name) is None:
+                            gone += 1
+                        elif self.connect(m):
+                            _log(f"{m.name}: console reopened ({m.pty})")
+                    except (StateError, OSError, self.libvirt.libvirtError) as exc:
+                        _log(f"{m.name}: cannot reopen its console yet: {exc}")
                 if gone == self.vms:
                     _log("no member exists any more; exiting")
                     return

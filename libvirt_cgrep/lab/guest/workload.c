@@ -16,7 +16,7 @@
  * Group mode (write mode with --vms V > 1): the chain spans V VMs, and this
  * VM writes record n only when told so by a host-side relay.  After the scan
  * the workload reads lines "GO <n>" from its standard input (the serial
- * console, switched to raw input without echo), writes record n (it must be
+ * console, switched to raw input without echo before the scan), writes record n (it must be
  * one of this VM's, n % V == vm) and then prints "CGREP DONE seq=<n>".  A GO
  * for the record it acknowledged last is answered with DONE again without
  * writing; a GO for another VM's record or an older record is refused with a
@@ -547,7 +547,9 @@ static void write_loop(const struct geom *g, unsigned char *buf, int64_t max, ui
 /* Raw, echo-less input on the console so the relay's GO lines are delivered
  * byte by byte and never echoed into the console log; output flags stay as
  * they are (the console format does not change).  115200 baud shortens the
- * UART's receive timeout.  Best effort: not a tty, nothing to do. */
+ * UART's receive timeout.  Input that arrived before (during boot) is dropped:
+ * the relay sends its first GO only after the SCAN line.  Best effort: not a
+ * tty, nothing to do.  Called before the scan. */
 static void console_raw_input(void)
 {
     struct termios t;
@@ -560,6 +562,7 @@ static void console_raw_input(void)
     cfsetispeed(&t, B115200);
     cfsetospeed(&t, B115200);
     tcsetattr(STDIN_FILENO, TCSANOW, &t);
+    tcflush(STDIN_FILENO, TCIFLUSH); /* whatever came before this is no command to us */
 }
 
 /* One command line from the relay; returns the new last acknowledged record. */
@@ -606,7 +609,6 @@ static void group_loop(const struct geom *g, unsigned char *buf, int64_t max, ui
     char line[64];
     size_t len = 0;
     int overlong = 0, input_open = 1;
-    console_raw_input();
 
     for (;;) {
         uint64_t now = now_ns();
@@ -787,6 +789,8 @@ int main(int argc, char **argv)
         die("posix_memalign: errno=%d", rc);
     unsigned char *buf = mem;
 
+    if (mode == MODE_WRITE && g.vms > 1)
+        console_raw_input();
     struct scan_result sr;
     scan_disks(&g, buf, buflen, &sr);
     print_scan(&sr);
@@ -794,7 +798,7 @@ int main(int argc, char **argv)
         out_line("CGREP SCANDONE");
         idle_forever();
     }
-    if (g.vms > 1)
+    if (g.vms > 1) /* mode == MODE_WRITE here */
         group_loop(&g, buf, sr.max, report_ms, run_id);
     else
         write_loop(&g, buf, sr.max, rate, report_ms, run_id);
