@@ -41,10 +41,11 @@ verbs:
   hooks install|uninstall|status   the libvirt qemu hook that tells the agent about starts/stops
   lab build               build the lab guest (kernel, busybox initramfs, workload)
   lab up NAME             define and start a lab domain with N data disks
+  lab up --group G --vms V   V lab domains G-0..G-(V-1) whose dependent-write chain spans them (host relay)
   lab down NAME           destroy a lab domain and remove its files
   lab list                list lab domains
   lab status NAME         show a lab domain's last acknowledged record
-  lab check IMAGE...      check that images form one write-order-consistent cut
+  lab check IMAGE...      check that images form one write-order-consistent cut (--domain NAME, --group G)
   version                 print the version
 
   Run 'virt-cgrep VERB --help' (e.g. 'virt-cgrep lab up --help') for a verb's options.
