@@ -277,7 +277,7 @@ class Agent:
                 running_since=rt.running_since,
                 paused=paused,
             )
-            if not rt.known and rt.probe is None:
+            if not rt.known and rt.probe is None and not self.stopping:
                 rt.probe = self.pool.submit(self._probe, spec)
             state = rpo.classify(view, now) if rt.known else "unknown"
             if rt.known and state not in ("violated", "paused") and rt.failures:
@@ -507,6 +507,7 @@ class Agent:
             time.sleep(0.1)
             for rt in self.groups.values():
                 self._collect(rt, _now())
+        self.tick()  # the finished cycles' edges (rpo-restored) and states, before going: nothing new starts now
         with self.children_lock:
             for proc in list(self.children):
                 log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
