@@ -36,7 +36,7 @@ from libvirt_cgrep.engine.point import take_point
 from libvirt_cgrep.errors import CgrepError, UsageError
 from libvirt_cgrep.replica.link import Link, Target
 from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
-from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, chain_of, extents_of, ship_disk
+from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, extents_of, ship_disk
 
 _OURS = re.compile(r"\.cgrep-[0-9a-z-]+\.qcow2$")
 #: Test-only fault injection: sleep this many ms after the commit, before folding.
@@ -225,7 +225,8 @@ def sync(
         plans: list[tuple[DiskShipment, str, str | None]] = []
         for g in point.guests:
             for dc in g.disks:
-                chain = chain_of(dc.frozen_image)
+                layers = qemu_img.chain(Path(dc.frozen_image))
+                chain = tuple(i.path for i in layers)
                 rec = newest.disk(g.guest, dc.target) if newest else None
                 stamp = read_stamp(rec.primary_base) if rec else None
                 depth, full, base, reason = coverage(
@@ -236,7 +237,7 @@ def sync(
                     target=str(target),
                     set_name=set_name,
                 )
-                size = qemu_img.chain(Path(dc.frozen_image))[0].virtual_size
+                size = layers[0].virtual_size
                 plans.append((DiskShipment(g.guest, dc.target, chain, depth, full, size), base, reason))
         parent = newest.point_id if newest else None
         link.request(

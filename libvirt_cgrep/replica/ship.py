@@ -14,9 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core.extents import Extent, data_bytes, plan_extents
 from libvirt_cgrep.replica import protocol as proto
@@ -100,10 +98,6 @@ def ship_disk(
         for fd in fds.values():
             os.close(fd)
     return sent
-
-
-def chain_of(image: str) -> tuple[str, ...]:
-    return tuple(i.path for i in qemu_img.chain(Path(image)))
 
 
 def terminal_progress(label: str) -> Progress:
