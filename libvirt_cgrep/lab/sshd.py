@@ -9,6 +9,8 @@ keys, as in production.
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -40,7 +42,10 @@ class Sshd:
 
     def env(self) -> dict[str, str]:
         """Environment for ``virt-cgrep sync``: this ssh_config, and this venv's receiver on the far side."""
-        return {"CGREP_SSH_CONFIG": str(self.config), "CGREP_REMOTE_CMD": f"{sys.executable} -m libvirt_cgrep"}
+        remote = f"{sys.executable} -m libvirt_cgrep"
+        if os.environ.get("PYTHONPATH"):  # a checkout run without installing it: the same code on the far side
+            remote = f"env PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {remote}"
+        return {"CGREP_SSH_CONFIG": str(self.config), "CGREP_REMOTE_CMD": remote}
 
 
 def _free_port() -> int:
