@@ -7,7 +7,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	pkg-config cpio gcc libc6-dev openssh-server openssh-client busybox-static python3-venv python3-dev procps
 PYTEST_ARGS ?=
 
-.PHONY: all install deps venv daemons lab test test-all lint demo demo-clean clean
+.PHONY: all install deps venv daemons lab test test-all lint readme demo demo-clean clean
 
 all: install
 
@@ -41,6 +41,10 @@ test-all: install
 
 lint: venv
 	$(BIN)/tox -e lint,type
+
+## readme: regenerate README.md's CLI reference from the parser
+readme: venv
+	$(BIN)/python -m libvirt_cgrep.cli.reference --write
 
 ## demo: a lab VM protected by an atomic point, checked
 demo: install
