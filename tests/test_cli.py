@@ -34,6 +34,13 @@ def test_help_reads_like_a_man_page(capsys: pytest.CaptureFixture[str]) -> None:
         assert section in out
 
 
+def test_readme_cli_reference_matches_the_parser() -> None:
+    """README.md's CLI reference is generated from the parser ('make readme'); it cannot drift."""
+    from libvirt_cgrep.cli import reference
+
+    assert reference.main(["--check"]) == 0, "README.md's CLI reference is stale: run 'make readme'"
+
+
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_names_are_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = {p.name for p in labdom.lab_root().glob("*")} if labdom.lab_root().exists() else set()
