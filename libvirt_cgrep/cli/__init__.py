@@ -120,7 +120,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import agent, engine, hooks, lab, replica
+    from libvirt_cgrep.cli import agent, engine, hooks, lab, recovery, replica
 
     p = _Parser(
         prog=PROG,
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     replica.register(sub)
     agent.register(sub)
     hooks.register(sub)
+    recovery.register(sub)
     lab.register(sub)
     return p
 

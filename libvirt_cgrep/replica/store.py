@@ -35,6 +35,7 @@ from libvirt_cgrep.adapters import nbd
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core import recovery
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.retention import PointTime, Policy, prune
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
@@ -151,6 +152,20 @@ class Store:
     def image_path(self, set_name: str, rel: str) -> Path:
         return self.set_dir(set_name) / rel
 
+    def held_points(self, set_name: str) -> tuple[str, ...]:
+        """Points that recovered domains run on (docs/recovery.md): they and older points are never pruned."""
+        rdir = self.set_dir(set_name) / "recovery"
+        journals: list[dict[str, object]] = []
+        for f in sorted(rdir.glob("*.json")) if rdir.is_dir() else ():
+            if not recovery.valid_run_id(f.stem):
+                continue
+            try:
+                d = json.loads(f.read_bytes())
+                journals.append(d if isinstance(d, dict) else {"point_id": "~"})
+            except ValueError:
+                journals.append({"point_id": "~"})  # unreadable: hold everything
+        return recovery.held_points(journals)
+
     # ---------------------------------------------------------------- recovery
     def _recover(self, set_name: str) -> None:
         sdir = self.set_dir(set_name)
@@ -247,7 +262,7 @@ class Store:
         """Delete the points ``core.retention.prune`` selects, merging each into its child."""
         pts = self.points(set_name)
         times = [PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts]
-        doomed = prune(times, now, policy)
+        doomed = recovery.prunable(prune(times, now, policy), self.held_points(set_name))
         for pid in doomed:
             pts = self.points(set_name)
             ids = [m.point_id for m in pts]
