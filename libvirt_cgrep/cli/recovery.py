@@ -94,6 +94,31 @@ def register(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="machine-readable result")
     c.set_defaults(func=cmd_cleanup)
 
+    v = sub.add_parser(
+        "reverse",
+        help="protect failed-over domains back to the original site",
+        description=REVERSE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("name", metavar="GROUP|DOMAIN")
+    v.add_argument("--target", required=True, metavar="T", help="the replica target the failover used (local path)")
+    v.add_argument("--to", required=True, metavar="TO", help="a target on the original site: /path or ssh://...")
+    v.add_argument("--json", action="store_true", help="machine-readable result")
+    v.set_defaults(func=cmd_reverse)
+
+    b = sub.add_parser(
+        "failback",
+        help="planned return to the original site",
+        description=FAILBACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("name", metavar="GROUP|DOMAIN")
+    b.add_argument("--target", required=True, metavar="T", help="the replica target the failover used (local path)")
+    b.add_argument("--to", required=True, metavar="TO", help="the reverse target on the original site (a path)")
+    b.add_argument("--home-uri", metavar="URI", help="libvirt of the original site (default: the -c connection)")
+    b.add_argument("--json", action="store_true", help="machine-readable result")
+    b.set_defaults(func=cmd_failback)
+
     r = sub.add_parser(
         "recovery",
         help="list recovery runs (failed over, test failover) on a target",
@@ -102,6 +127,78 @@ def register(sub: Any) -> None:
     r.add_argument("target", metavar="T")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_recovery)
+
+
+REVERSE_HELP = """\
+After 'failover', protect the failed-over domains back to the original site:
+TO (a path or ssh:// target there) gets the set, seeded with the common point
+(the point failed over from) from the old primary's surviving images, copied
+locally on that site; an image is trusted only when its fold stamp names this
+target, set and point. Then one cycle ships what changed since that point
+(the recovery overlays' clusters): never a full copy when those images
+survived. Images that cannot be trusted are seeded by shipping the point, and
+the result says why. Later cycles: 'sync DOMAIN... --target TO --set GROUP'.
+"""
+
+FAILBACK_HELP = """\
+Planned return after 'failover' and 'reverse': the recovered domains are
+paused and stopped (no write can follow), what they wrote since the last
+reverse point is shipped to TO as the final point, this target learns the
+final point locally (so protection in the original direction resumes with
+deltas), the failover run is retired, and the originals are defined again
+(names, UUIDs and protection metadata kept) on new overlays over TO's final
+point and started (on --home-uri, default the -c connection). TO must be a
+path this command can reach (the original site's target). Running it again
+finishes an interrupted failback.
+"""
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.recovery.reverse import reverse
+
+    root = _local_root(args.target)
+    uri = args.connect or lv.default_uri()
+    conn = lv.connect(uri)
+    try:
+        res = reverse(conn, uri, root, args.name, parse_target(args.to))
+    finally:
+        conn.close()
+    d = res.as_dict()
+    if args.json:
+        emit_json(d)
+        return EXIT_OK
+    print(
+        f"{args.name} protected back to {res.to}: common point {res.common_point}"
+        + (f" (seeded, {res.seed_bytes_shipped} bytes shipped)" if res.seeded else "")
+        + f"; point {res.point_id}: {res.bytes_shipped} bytes shipped for {res.changed_bytes} changed (disks {res.disk_bytes})"
+    )
+    for why in res.seed_full:
+        print(f"  seeded by shipping: {why}")
+    return EXIT_OK
+
+
+def cmd_failback(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.recovery.reverse import failback
+
+    root = _local_root(args.target)
+    to_root = _local_root(args.to)
+    uri = args.connect or lv.default_uri()
+    home_uri = args.home_uri or uri
+    conn = lv.connect(uri)
+    home = lv.connect(home_uri)
+    try:
+        res = failback(conn, uri, root, args.name, to_root, home_conn=home, home_uri=home_uri)
+    finally:
+        conn.close()
+        home.close()
+    if args.json:
+        emit_json(res.as_dict())
+        return EXIT_OK
+    print(
+        f"{args.name} failed back: final point {res.final_point} ({res.final_bytes_shipped} bytes shipped); "
+        f"originals {', '.join(res.originals)} running; {res.seconds:.1f} s"
+    )
+    return EXIT_OK
 
 
 def cmd_failover(args: argparse.Namespace) -> int:

@@ -94,6 +94,7 @@ def rewrite_domain_xml(
     host: HostFacts,
     recovery: Mapping[str, str],
     fresh_macs: bool = False,
+    keep_ns: tuple[str, ...] = (),
 ) -> Rewrite:
     """The definition of a recovered domain. Pure; raises nothing for host problems: it reports them.
 
@@ -190,7 +191,7 @@ def rewrite_domain_xml(
         root.insert(3, meta)
     for child in list(meta):
         ns = etree.QName(child.tag).namespace if isinstance(child.tag, str) else None
-        if ns and ns.startswith(OUR_NS_PREFIX):
+        if ns and ns.startswith(OUR_NS_PREFIX) and ns not in keep_ns:
             meta.remove(child)
     el = etree.SubElement(meta, f"{{{RECOVERY_NS}}}recovery", nsmap={"cgreprec": RECOVERY_NS})
     for k, v in sorted(recovery.items()):

@@ -39,6 +39,7 @@ from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
 from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.core.protection import NS as PROTECTION_NS
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica.store import Store
 
@@ -273,11 +274,14 @@ def failover(
     force: bool = False,
     suffix: str = TEST_SUFFIX,
     start: bool = True,
+    run_id: str | None = None,
+    xml_override: dict[str, str] | None = None,
+    names: dict[str, str] | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> Result:
     """Define and start the point's domains on new overlays (see the module docstring)."""
     t0 = time.monotonic()
-    if kind not in ("failover", "test-failover"):
+    if kind not in rc.KINDS:
         raise UsageError(f"unknown recovery kind {kind!r}")
     validate_name(suffix.lstrip("-") or "x", "suffix")
     if network is not None:
@@ -302,28 +306,30 @@ def failover(
     net = network
     if nic_mode == "isolate":
         net = network or isolated_network_name(sel.set_name)
-    run_id = rc.run_id(kind, _ts())
+    run_id = run_id or rc.run_id(kind, _ts())
     rundir = recovery_dir(root, sel.set_name) / run_id
-    facts = host_facts(conn, [d.xml for d in sel.domains])
+    xml_of = {d.name: (xml_override or {}).get(d.name, d.xml) for d in sel.domains}
+    facts = host_facts(conn, list(xml_of.values()))
     sdir = root / sel.set_name
     doms: list[rc.DomainRun] = []
     findings: list[rc.Finding] = []
     new_nets: list[str] = []
-    has_nics = any(rc.networks_needed(d.xml) for d in sel.domains)
+    has_nics = any(rc.networks_needed(x) for x in xml_of.values())
     if nic_mode == "isolate" and has_nics and net is not None and net not in facts.networks:
         new_nets.append(net)
         facts = replace(facts, networks=facts.networks | {net})
     for rec in sel.domains:
-        ex = _existing(conn, rec.name, run_id)
-        ident = rc.choose_identity(kind, rec.name, rec.uuid, ex, force=force, suffix=suffix, new_uuid=str(uuidlib.uuid4()))
+        home = (names or {}).get(rec.name, rec.name)
+        ex = _existing(conn, home, run_id)
+        ident = rc.choose_identity(kind, home, rec.uuid, ex, force=force, suffix=suffix, new_uuid=str(uuidlib.uuid4()))
         uid = ident.uuid
         if not ident.replaces and _uuid_taken(conn, uid, ident.name):
             uid = str(uuidlib.uuid4())
         validate_name(ident.name, "domain name")
-        files = rundir / rec.name
+        files = rundir / home
         overlays = tuple((d.target, str(files / f"{d.target}.qcow2")) for d in sel.point.disks if d.domain == rec.name)
         rw = rc.rewrite_domain_xml(
-            rec.xml,
+            xml_of[rec.name],
             name=ident.name,
             uuid=uid,
             overlays=dict(overlays),
@@ -332,13 +338,14 @@ def failover(
             host=facts,
             recovery={"run": run_id, "kind": kind, "set": sel.set_name, "point": sel.point.point_id, "original": rec.name},
             fresh_macs=kind == "test-failover",
+            keep_ns=(PROTECTION_NS,) if kind == "failback" else (),
         )
         findings.extend(rw.findings)
         if ident.note:
             findings.append(rc.Finding(rec.name, "domain", ident.note, f"recovered as {ident.name}"))
         replaced = None
         if ident.replaces:
-            replaced = lv.persistent_xml(lv.lookup(conn, rec.name))
+            replaced = lv.persistent_xml(lv.lookup(conn, home))
         doms.append(rc.DomainRun(rec.name, ident.name, uid, rw.xml, replaced, overlays))
     blocking = [f for f in findings if f.severity == rc.BLOCKING]
     if blocking:
@@ -385,7 +392,7 @@ def _execute(conn: libvirt.virConnect, root: Path, j: rc.Journal, start: bool, p
             save_journal(root, j)
     for d in j.domains:
         if d.step == "planned":
-            files = rundir / d.original
+            files = Path(d.overlays[0][1]).parent if d.overlays else rundir / d.name
             files.mkdir(mode=0o755, exist_ok=True)
             for target, path in d.overlays:
                 p = Path(path)

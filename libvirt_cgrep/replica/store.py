@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,9 +186,18 @@ class Store:
 
     # ----------------------------------------------------------------- writing
     def stage(
-        self, set_name: str, point_id: str, parent: mf.Manifest | None, disks: Sequence[tuple[str, str, int, bool]]
+        self,
+        set_name: str,
+        point_id: str,
+        parent: mf.Manifest | None,
+        disks: Sequence[tuple[str, str, int, bool]],
+        seeds: Mapping[tuple[str, str], Path] | None = None,
     ) -> list[StagedDisk]:
-        """Create the empty images of a new point: deltas over ``parent``'s images, or full bases (``full``)."""
+        """Create the empty images of a new point: deltas over ``parent``'s images, or full bases (``full``).
+
+        ``seeds`` (reverse protection): a full base starts as a local copy of that
+        image (the old primary's surviving disk) instead of empty; nothing crosses the link.
+        """
         if not mf.valid_point_id(point_id):
             raise UsageError(f"invalid point id {point_id!r}")
         sdir = self.set_dir(set_name)
@@ -213,6 +222,10 @@ class Store:
                 if backing:
                     argv += ["-F", "qcow2", "-b", backing]
                 staged.append(StagedDisk(domain, target, size, path, final, backing))  # so a failure removes it
+                seed = (seeds or {}).get((domain, target))
+                if seed is not None and backing is None:
+                    run(["qemu-img", "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(seed), str(path)], timeout=3600)
+                    continue
                 run([*argv, str(path), str(size)], timeout=60)
         except BaseException:
             self.discard(staged)
