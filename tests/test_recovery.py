@@ -178,7 +178,7 @@ def test_group_failover_boots_consistent_and_rolls_back(conn: libvirt.virConnect
     logs = [m.directory / "console.log" for m in grp.members]
     for _ in range(2):
         done = labdom.wait_for_done(logs, after=(grp.last_done or 0) + 10)
-        cli("sync", *names, "--set", grp.name, "--target", str(target), "--fence", "suspend")
+        cli("sync", *names, "--set", grp.name, "--target", str(target), "--fence", "suspend", "--deadline", "15000")
     with restored(conn, names):
         relay.stop(grp.directory, grp.name)  # the disaster: the site's relay and VMs die
         for n in names:
@@ -202,3 +202,78 @@ def test_group_failover_boots_consistent_and_rolls_back(conn: libvirt.virConnect
         for n in names:
             assert labdom.get(conn, n).group == grp.name  # the original (lab) definition is back
         assert not (target / grp.name / "recovery").exists()
+
+
+def serial_logs(res: dict[str, object]) -> list[Path]:
+    doms = res["domains"]
+    assert isinstance(doms, list)
+    return [Path(next(iter(d["disks"].values()))).parent / "serial0.log" for d in doms]
+
+
+@pytest.mark.slow
+def test_failover_reverse_failback_story(conn: libvirt.virConnect, lab_group: GroupFactory, target: Path) -> None:
+    """2 VMs x 4 disks: disaster, failover (time to recover), reverse (ratio), failback; write order in both directions."""
+    grp = lab_group(vms=2, disks=4, size=16 << 20, tag="story")
+    names = [m.name for m in grp.members]
+    logs = [m.directory / "console.log" for m in grp.members]
+    home = labdom.lab_root() / unique_name("rcvhome")
+    try:
+        for _ in range(2):
+            done = labdom.wait_for_done(logs, after=(grp.last_done or 0) + 10)
+            cli("sync", *names, "--set", grp.name, "--target", str(target), "--fence", "suspend", "--deadline", "15000")
+        with restored(conn, names):
+            relay.stop(grp.directory, grp.name)
+            for n in names:
+                lv.lookup(conn, n).destroy()
+            t0 = time.monotonic()
+            fo = cli_json("failover", grp.name, "--target", str(target), "--force")
+            assert isinstance(fo, dict)
+            scans = [wait_scan(p) for p in serial_logs(fo)]
+            recover_s = time.monotonic() - t0
+            overlays = [Path(p) for d in fo["domains"] for p in d["disks"].values()]
+            verdict = check_images(overlays)
+            assert verdict.consistent and verdict.max >= done and all(s["holes"] == "0" for s in scans)
+            # the workload goes on at the replica site
+            relay.start(grp.directory, grp.name, names, uri=URI)
+            labdom.wait_for_done(serial_logs(fo), after=verdict.max + 30, timeout=120)
+            rev = cli_json("reverse", grp.name, "--target", str(target), "--to", str(home), "--deadline", "15000")
+            assert isinstance(rev, dict) and rev["seeded"] and rev["seed_bytes_shipped"] == 0 and not rev["seed_full"]
+            ratio = rev["shipped_over_changed"]
+            assert rev["changed_bytes"] > 0 and ratio is not None and ratio <= 1.1
+            assert rev["bytes_shipped"] < rev["disk_bytes"] / 4
+            labdom.wait_for_done(serial_logs(fo), after=labdom.wait_for_done(serial_logs(fo)) + 20, timeout=120)
+            cli("sync", *names, "--set", grp.name, "--target", str(home), "--fence", "suspend", "--deadline", "15000")
+            relay.stop(grp.directory, grp.name)
+            last = max(d for p in serial_logs(fo) if (d := labdom.read_console(p).done) is not None)
+            fb = cli_json("failback", grp.name, "--target", str(target), "--to", str(home))
+            assert isinstance(fb, dict) and fb["originals"] == names
+            assert all(lv.state(lv.lookup(conn, n)) == "running" for n in names)
+            runs = cli_json("recovery", str(home))
+            assert isinstance(runs, list) and [r["kind"] for r in runs] == ["failback"]
+            assert cli_json("recovery", str(target)) == []
+            home_logs = [Path(str(p).replace(str(target), str(home))) for p in serial_logs(fo)]
+            home_logs = sorted((home / grp.name / "recovery").glob("failback-*/*/serial0.log"))
+            home_scans = [wait_scan(p) for p in home_logs]
+            assert all(s["holes"] == "0" and s["bad"] == "0" for s in home_scans)
+            assert max(int(s["max"]) for s in home_scans) >= last
+            # protection in the original direction resumes with deltas
+            relay.start(grp.directory, grp.name, names, uri=URI)
+            labdom.wait_for_done(home_logs, after=last + 20, timeout=120)
+            back = cli_json(
+                "sync", *names, "--set", grp.name, "--target", str(target), "--fence", "suspend", "--deadline", "15000"
+            )
+            assert isinstance(back, dict) and not any(d["full"] for d in back["disks"])
+            for t in (target, home):
+                newest = cli_json("points", str(t))[-1]["id"]  # type: ignore[index]
+                v = cli_json("verify", str(t), "--point", newest, "--write-order")
+                assert isinstance(v, list) and v[0]["ok"] and v[0]["write_order"]["consistent"], (t, v)
+            print(
+                f"2 VMs x 4 disks: time to recover {recover_s:.1f} s (failover command {fo['seconds']:.1f} s); reverse shipped {rev['bytes_shipped']} B for "
+                f"{rev['changed_bytes']} B changed (ratio {ratio}, disks {rev['disk_bytes']} B, seed shipped 0 B); "
+                f"failback {fb['seconds']:.1f} s, final point {fb['final_bytes_shipped']} B; "
+                f"first cycle home->replica shipped {back['bytes_shipped']} B for {back['changed_bytes']} B "
+                f"(load {os.getloadavg()[0]:.1f})"
+            )
+            relay.stop(grp.directory, grp.name)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.cli.output import emit_json, print_table
+from libvirt_cgrep.core.names import parse_count
 from libvirt_cgrep.errors import EXIT_OK, UsageError
 from libvirt_cgrep.replica.link import parse_target
 
@@ -103,6 +104,7 @@ def register(sub: Any) -> None:
     v.add_argument("name", metavar="GROUP|DOMAIN")
     v.add_argument("--target", required=True, metavar="T", help="the replica target the failover used (local path)")
     v.add_argument("--to", required=True, metavar="TO", help="a target on the original site: /path or ssh://...")
+    v.add_argument("--deadline", default="2000", metavar="MS", help="longest hold of a group's cut (default 2000)")
     v.add_argument("--json", action="store_true", help="machine-readable result")
     v.set_defaults(func=cmd_reverse)
 
@@ -160,7 +162,8 @@ def cmd_reverse(args: argparse.Namespace) -> int:
     uri = args.connect or lv.default_uri()
     conn = lv.connect(uri)
     try:
-        res = reverse(conn, uri, root, args.name, parse_target(args.to))
+        deadline = parse_count(args.deadline, "deadline (ms)", 10, 60_000)
+        res = reverse(conn, uri, root, args.name, parse_target(args.to), deadline_ms=deadline)
     finally:
         conn.close()
     d = res.as_dict()

@@ -192,6 +192,7 @@ def reverse(
     name: str,
     to: Target,
     *,
+    deadline_ms: float = 2000.0,
     progress: Callable[[str], None] = lambda s: None,
 ) -> ReverseResult:
     """Protect the failed-over domains back to ``to``; the first cycle ships only what changed since P."""
@@ -222,7 +223,7 @@ def reverse(
     disk_bytes = sum(d.virtual_size for d in p.disks if j.domain(d.domain))
     backends = [LibvirtBackend(lv.connect(uri), d.name, uri) for d in j.domains]
     try:
-        res = sync(backends, to, set_name=j.set_name, fence="suspend" if len(backends) > 1 else "none")
+        res = sync(backends, to, set_name=j.set_name, fence="suspend" if len(backends) > 1 else "none", deadline_ms=deadline_ms)
     finally:
         for b in backends:
             with contextlib.suppress(Exception):
