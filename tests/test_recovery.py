@@ -268,7 +268,8 @@ def test_failover_reverse_failback_story(conn: libvirt.virConnect, lab_group: Gr
                 v = cli_json("verify", str(t), "--point", newest, "--write-order")
                 assert isinstance(v, list) and v[0]["ok"] and v[0]["write_order"]["consistent"], (t, v)
             print(
-                f"2 VMs x 4 disks: time to recover {recover_s:.1f} s (failover command {fo['seconds']:.1f} s); reverse shipped {rev['bytes_shipped']} B for "
+                f"2 VMs x 4 disks: time to recover {recover_s:.1f} s (failover command {fo['seconds']:.1f} s); "
+                f"reverse shipped {rev['bytes_shipped']} B for "
                 f"{rev['changed_bytes']} B changed (ratio {ratio}, disks {rev['disk_bytes']} B, seed shipped 0 B); "
                 f"failback {fb['seconds']:.1f} s, final point {fb['final_bytes_shipped']} B; "
                 f"first cycle home->replica shipped {back['bytes_shipped']} B for {back['changed_bytes']} B "
