@@ -109,8 +109,13 @@ def test_failover_refusals_test_failover_beside_replication_and_cleanup(
 
     # Test failover: a renamed copy with a new UUID, its NIC on an isolated network, beside the running original.
     t0 = time.monotonic()
-    res = cli_json("test-failover", vm.name, "--target", str(target))
-    assert isinstance(res, dict) and res["state"] == "active" and res["point_id"] == first["point_id"]
+    part = cli_json("test-failover", vm.name, "--target", str(target), "--no-start")  # an interrupted run, in effect
+    assert isinstance(part, dict) and [d["step"] for d in part["domains"]] == ["defined"]
+    assert not lv.lookup(conn, f"{vm.name}-test").isActive()
+    res = cli_json("test-failover", vm.name, "--target", str(target))  # the same command finishes it
+    assert isinstance(res, dict) and res["resumed"] and res["run"] == part["run"]
+    assert res["state"] == "active" and res["point_id"] == first["point_id"]
+    assert [d["step"] for d in res["domains"]] == ["started"]
     (copy,) = res["domains"]
     assert copy["name"] == f"{vm.name}-test" and copy["uuid"] != dom.UUIDString()
     test_dom = lv.lookup(conn, copy["name"])

@@ -443,7 +443,18 @@ def failback(
 ) -> FailbackResult:
     """Planned return to the original site (``to_root``: the reverse target there, reachable as a local path)."""
     t0 = time.monotonic()
-    j = active_failover(root, name)
+    try:
+        j = active_failover(root, name)
+    except NotFoundError:
+        # Interrupted after the failover run was retired: finish starting the originals at home.
+        ro = Store.open(to_root, create=False, readonly=True)
+        sets = [name] if name in ro.sets() else []
+        home = [r for s in sets for r in fo.journals(to_root, s) if r.kind == "failback" and r.state == "preparing"]
+        if not home:
+            raise
+        run = home[-1]
+        res = fo.failover(home_conn, home_uri, to_root, run.set_name, kind="failback", point=run.point_id, force=True)
+        return FailbackResult(run.point_id, 0, 0, tuple(d.name for d in res.journal.domains), run.run, time.monotonic() - t0)
     rev = j.extra.get("reverse")
     if not rev or parse_target(str(rev["to"])).path != str(to_root):
         raise StateError(f"{j.set_name} is not protected back to {to_root}: run 'reverse' first")
