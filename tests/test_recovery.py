@@ -158,6 +158,19 @@ def test_failover_refusals_test_failover_beside_replication_and_cleanup(
     assert isinstance(verify, list) and all(v["ok"] for v in verify)
     assert lv.state(dom) == "running"
 
+    # A real failover (forced next to the running original: a NAME-failover copy), then rolled back.
+    nic = etree.fromstring(lv.persistent_xml(dom).encode()).find("devices/interface")
+    dom.detachDeviceFlags(etree.tostring(nic, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    acked = wait_progress(log, records=10)
+    cli("sync", vm.name, "--target", str(target))
+    before_tree, before_host = tree(target), host_listing(conn)
+    fo = cli_json("failover", vm.name, "--target", str(target), "--force")
+    assert isinstance(fo, dict) and [d["name"] for d in fo["domains"]] == [f"{vm.name}-failover"]
+    scan = wait_scan(Path(fo["domains"][0]["disks"]["vda"]).parent / "serial0.log")
+    assert int(scan["max"]) >= acked and scan["holes"] == "0" and scan["bad"] == "0", (scan, acked)
+    cli("failover", vm.name, "--target", str(target), "--rollback")
+    assert tree(target) == before_tree and host_listing(conn) == before_host
+
 
 @contextlib.contextmanager
 def restored(conn: libvirt.virConnect, names: list[str]) -> Iterator[None]:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
 from lxml import etree
 
+from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
+from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.errors import ConflictError, StateError, UsageError
+from libvirt_cgrep.replica.store import Store
 
 XML = """<domain type='kvm'>
   <name>db1</name>
@@ -152,3 +159,36 @@ def test_held_points_never_pruned() -> None:
     assert rc.prunable(["a", "b", "c"], held) == ("c",)  # b is held, a lies under it
     assert rc.prunable(["a", "c"], ()) == ("a", "c")
     assert rc.prunable(["a", "c"], rc.held_points([{"state": "active"}])) == ()  # unreadable: hold everything
+
+
+def test_store_prune_keeps_held_points_and_older(tmp_path: Path) -> None:
+    """A running recovered domain's point and every older point survive retention; newer ones are merged away."""
+    store = Store.open(tmp_path / "t")
+    ids = [f"20261125T00000{i}.000000Z" for i in range(5)]
+    prev = None
+    for pid in ids[:4]:
+        staged = store.stage("s", pid, prev, [("d", "vda", 1 << 20, prev is None)])
+        m = mf.Manifest(
+            pid,
+            pid,
+            "s",
+            None,
+            prev.point_id if prev else None,
+            "none",
+            "crash",
+            (),
+            (mf.DiskRecord("d", "vda", "", None, 1 << 20, 0, "", "/src", "/base"),),
+        )
+        prev = store.commit("s", m, staged, {})
+    held = rc.Journal(f"test-{ids[1]}", "test-failover", "s", ids[1], "u", "active", "t", "t", "/x")
+    (store.set_dir("s") / "recovery").mkdir()
+    (store.set_dir("s") / "recovery" / f"{held.run}.json").write_text(json.dumps(held.to_dict()))
+    before = {m.point_id: m.disks[0].sha256 for m in store.points("s")}
+    now = datetime(2026, 11, 26, tzinfo=UTC)
+    assert store.prune("s", Policy(keep_last=1), now) == [ids[2]]
+    after = {m.point_id: m.disks[0].sha256 for m in store.points("s")}
+    assert sorted(after) == [ids[0], ids[1], ids[3]]
+    assert after[ids[0]] == before[ids[0]] and after[ids[1]] == before[ids[1]]
+    (store.set_dir("s") / "recovery" / f"{held.run}.json").write_text(json.dumps({**held.to_dict(), "state": "done"}))
+    assert store.prune("s", Policy(keep_last=1), now) == [ids[0], ids[1]]
+    store.close()
