@@ -192,3 +192,17 @@ def test_store_prune_keeps_held_points_and_older(tmp_path: Path) -> None:
     (store.set_dir("s") / "recovery" / f"{held.run}.json").write_text(json.dumps({**held.to_dict(), "state": "done"}))
     assert store.prune("s", Policy(keep_last=1), now) == [ids[0], ids[1]]
     store.close()
+
+
+def test_status_shows_recovery_runs(tmp_path: Path) -> None:
+    from libvirt_cgrep.cli.agent import _recovery_state
+
+    root = tmp_path / "t"
+    Store.open(root).close()
+    (root / "s" / "points").mkdir(parents=True)
+    assert _recovery_state(str(root), "s") is None
+    j = rc.Journal("test-20261125T000000.000000Z", "test-failover", "s", "20261125T000000.000000Z", "u", "active", "t", "t", "/x")
+    (root / "s" / "recovery").mkdir()
+    (root / "s" / "recovery" / f"{j.run}.json").write_text(json.dumps(j.to_dict()))
+    assert _recovery_state(str(root), "s") == f"test-failover ({j.run})"
+    assert _recovery_state("ssh://h/x", "s") is None
