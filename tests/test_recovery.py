@@ -123,7 +123,7 @@ def test_failover_refusals_test_failover_beside_replication_and_cleanup(
     nets = [s.get("network") for s in xml.iterfind("devices/interface/source")]
     assert nets == [res["networks"][0]] and res["networks"][0] not in before_host[1]
     sources = [s.get("file") for s in xml.iterfind("devices/disk/source")]
-    assert sources == list(copy["disks"].values()) and all(str(target) in s for s in sources)
+    assert sources == list(copy["disks"].values()) and all(s and str(target) in s for s in sources)
     scan = wait_scan(Path(copy["disks"]["vda"]).parent / "serial0.log")
     recover_s = time.monotonic() - t0
     assert int(scan["max"]) >= acked and scan["holes"] == "0" and scan["bad"] == "0", (scan, acked)
@@ -160,6 +160,7 @@ def test_failover_refusals_test_failover_beside_replication_and_cleanup(
 
     # A real failover (forced next to the running original: a NAME-failover copy), then rolled back.
     nic = etree.fromstring(lv.persistent_xml(dom).encode()).find("devices/interface")
+    assert nic is not None
     dom.detachDeviceFlags(etree.tostring(nic, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     acked = wait_progress(log, records=10)
     cli("sync", vm.name, "--target", str(target))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -57,7 +58,7 @@ def rewrite(**kw: object) -> rc.Rewrite:
 
 def test_rewrite_disks_nics_devices_files_metadata() -> None:
     rw = rewrite()
-    root = etree.fromstring(rw.xml.encode())
+    root: Any = etree.fromstring(rw.xml.encode())
     assert root.findtext("name") == "db1-test" and root.findtext("uuid").startswith("9999")
     disks = root.findall("devices/disk")
     assert [d.find("target").get("dev") for d in disks] == ["vda", "sda"]  # unprotected vdz removed
@@ -90,7 +91,7 @@ def test_missing_network_without_remap_and_missing_kernel_block() -> None:
 
 
 def test_isolate_and_remove_nics_and_fresh_macs() -> None:
-    root = etree.fromstring(rewrite(nics=rc.NicPolicy("isolate", "iso"), fresh_macs=True).xml.encode())
+    root: Any = etree.fromstring(rewrite(nics=rc.NicPolicy("isolate", "iso"), fresh_macs=True).xml.encode())
     nics = root.findall("devices/interface")
     assert [(n.get("type"), n.find("source").get("network"), n.find("mac")) for n in nics] == [
         ("network", "iso", None),
@@ -101,7 +102,7 @@ def test_isolate_and_remove_nics_and_fresh_macs() -> None:
 
 
 def test_keep_protection_metadata_for_failback() -> None:
-    root = etree.fromstring(rewrite(keep_ns=("urn:x-libvirt-cgrep:protection:1",)).xml.encode())
+    root: Any = etree.fromstring(rewrite(keep_ns=("urn:x-libvirt-cgrep:protection:1",)).xml.encode())
     assert root.find("metadata/{urn:x-libvirt-cgrep:protection:1}protection") is not None
 
 
