@@ -129,7 +129,7 @@ def bare_vm(tmp_path: Path, guest: GuestArtifacts) -> Iterator[VMFactory]:
         _wait_for(guardian, proc)
         vm = BareVM(proc, d, str(qmp), str(guardian), d / "console.log", tuple(images))
         if not paused:
-            wait_for_ack(vm.console, after=100, timeout=60)
+            wait_for_ack(vm.console, after=100, timeout=180)  # boot under TCG on a loaded host
         return vm
 
     yield make
@@ -410,6 +410,9 @@ def test_cli_point_with_suspend_fence(bare_vm: VMFactory) -> None:
     assert "second QMP monitor" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not _cg_nodes(vm.guardian) and sorted(vm.directory.glob("*.cgrep-*")) == []
 
+    chain_argv = [sys.executable, "-m", "libvirt_cgrep", "chain", "--backend", "qmp", "--qmp", vm.qmp]
+    before = json.loads(subprocess.run([*chain_argv, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert [d["chain"] for d in before["disks"]] == [[str(p)] for p in vm.images] and before["state"] == "running"
     ack_before = vm.last_ack()
     out = subprocess.run(
         [*base, "--guardian-qmp", vm.guardian, "--fence", "suspend"], capture_output=True, text=True, timeout=120, check=False
@@ -425,6 +428,13 @@ def test_cli_point_with_suspend_fence(bare_vm: VMFactory) -> None:
     verdict = check_images([Path(d["frozen_image"]) for d in disks])
     assert verdict.consistent and verdict.max >= ack_before, verdict
     assert _running(vm.guardian)
+    # `chain` over QMP: each disk's chain is now active <- frozen; the table names both; bad input is one line.
+    after = json.loads(subprocess.run([*chain_argv, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert [d["chain"] for d in after["disks"]] == [[d["active_image"], d["frozen_image"]] for d in disks]
+    table = subprocess.run(chain_argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert all(f"{d['active_image']} <- {d['frozen_image']}" in table for d in disks)
+    bad = subprocess.run([*chain_argv, "somedomain"], capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 64 and len(bad.stderr.strip().splitlines()) == 1
     vm.progress()
     print(f"\nCLI point, 4 disks, fence suspend: fence_ms {res['fence_ms']:.1f}, cut_ms {res['cut_ms']:.1f}")
 

@@ -29,6 +29,7 @@ EPILOG = """\
 verbs:
   point DOMAIN...         take a write-order-consistent point: one transaction per domain
   chain DOMAIN            show each disk's backing chain and whether it can be protected
+                          (bare QEMU: chain --backend qmp --qmp SOCKET)
   sync DOMAIN... --target T   one cycle: cut, ship changed clusters, commit atomically, fold, prune
   points T                list the committed recovery points on a target
   verify T                re-check checksums and chains (--write-order: the lab checker)

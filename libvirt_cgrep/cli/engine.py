@@ -51,11 +51,14 @@ def register(sub: Any) -> None:
     c = sub.add_parser(
         "chain",
         help="show each disk's backing chain",
-        description="Show the backing chain of each disk of DOMAIN (top first), and which disks can be protected.",
+        description="Show the backing chain of each disk of DOMAIN (top first), and which disks can be protected. "
+        "For a bare QEMU: --backend qmp --qmp SOCKET instead of DOMAIN.",
     )
-    c.add_argument("domain", metavar="DOMAIN")
+    c.add_argument("domains", nargs="?", default=None, metavar="DOMAIN", help="libvirt domain; omit with --backend qmp")
+    c.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt", help="libvirt domain, or bare QEMU by QMP socket")
+    c.add_argument("--qmp", action="append", default=[], metavar="SOCKET", help="QMP socket of a bare QEMU (qmp backend)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.set_defaults(func=cmd_chain)
+    c.set_defaults(func=cmd_chain, guardian_qmp=[])
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -121,11 +124,11 @@ def cmd_point(args: argparse.Namespace) -> int:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
-
-    name = validate_name(args.domain, "domain name")
-    uri = args.connect or lv.default_uri()
-    guest = LibvirtBackend(lv.connect(uri), name, uri).discover()
+    args.domains = [] if args.domains is None else [args.domains]
+    if len(args.qmp) > 1:
+        raise UsageError("chain shows one guest: give one --qmp SOCKET")
+    with backends_for(args) as backends:
+        guest = backends[0].discover()
     if args.json:
         emit_json({"domain": guest.name, "state": guest.state, "disks": [d.as_dict() for d in guest.disks]})
         return EXIT_OK

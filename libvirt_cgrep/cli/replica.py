@@ -204,4 +204,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
     target = parse_target(args.path)
     if target.host:
         raise UsageError("receive takes a local path")
-    return serve(Path(target.path), sys.stdin.buffer, sys.stdout.buffer, readonly=args.read_only)
+    # stdin unbuffered: data payloads are spliced from the pipe into the image (see replica.receiver)
+    inp = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - the process's stdin
+    return serve(Path(target.path), inp, sys.stdout.buffer, readonly=args.read_only)

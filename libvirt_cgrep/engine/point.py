@@ -3,7 +3,9 @@
 Guarantees:
 
 - every guest is cut by ONE transaction over all its selected disks;
-- overlays are created before the hold, so a hold covers only the cut;
+- overlays are created before the hold, so a hold covers only the cut; the
+  check that the definitions name the new overlays runs after the resume
+  (a failed check still fails the point, with the guests running);
 - with ``fence='suspend'`` a guardian process is armed before the first
   pause; every guest is resumed by us when the cut ends or fails, and by the
   guardian when the deadline passes or this process dies;
@@ -73,6 +75,7 @@ def take_point(
         fence_ms = None if fence == "none" else _hold_and_cut(prepared, done, deadline_ms, clock)
         if fence == "none":
             _cut_all(prepared, done)
+        _confirm_all(prepared, done)
     except BaseException:
         # Only what was prepared and not cut is removed: a guest that was cut keeps its overlay.
         for i, (b, txn) in enumerate(prepared):
@@ -121,6 +124,15 @@ def _cut_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, Gu
     for i, r in enumerate(results):
         if isinstance(r, GuestCut):
             done[i] = r
+    _first_error(results)
+
+
+def _confirm_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, GuestCut]) -> None:
+    """After the hold (guests running): check each cut guest's definitions; a failed check un-records its cut."""
+    results = _each([functools.partial(b.confirm, txn) for b, txn in prepared])
+    for i, r in enumerate(results):
+        if isinstance(r, BaseException):
+            done.pop(i, None)
     _first_error(results)
 
 
