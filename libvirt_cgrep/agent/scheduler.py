@@ -6,7 +6,7 @@ Guarantees:
 - each group's next cycle is started by the RPO maths of ``core.rpo``; at
   most ``concurrency`` cycles run at once and one group's failure or slowness
   never delays another's schedule (each group is scheduled independently);
-- every cycle is a ``virt-cgrep sync`` child process: if the agent dies or is
+- every cycle is a ``virt-cgrep sync`` child process (``agent.worker``): if the agent dies or is
   stopped, the child dies too and its guardian resumes any held guest, and
   the target's commit rule keeps every point whole;
 - alerts are raised on state edges only (``rpo-violated``/``rpo-restored``
@@ -21,8 +21,6 @@ import contextlib
 import json
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.agent import worker
 from libvirt_cgrep.agent.alerts import Alert, AlertSink
 from libvirt_cgrep.agent.config import AgentConfig
 from libvirt_cgrep.agent.db import GroupRow, StateDB
@@ -108,8 +107,7 @@ class Agent:
         self.groups: dict[str, Runtime] = {}
         self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="cycle")
         self.running_cycles = 0
-        self.children: set[subprocess.Popen[str]] = set()
-        self.children_lock = threading.Lock()
+        self.runner = worker.Runner()
         self.conn: libvirt.virConnect | None = None
         self.disconnected_since: float | None = None
         self.dirty = threading.Event()
@@ -209,21 +207,10 @@ class Agent:
 
     # ------------------------------------------------------------ children
     def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with self.children_lock:
-            self.children.add(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finally:
-            with self.children_lock:
-                self.children.discard(proc)
-        return proc.returncode, out, err
+        return self.runner.run(argv, timeout)  # see agent.worker: pre-imported, dies with the agent
 
     def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "libvirt_cgrep", "-c", self.cfg.uri]
+        return ["-c", self.cfg.uri]
 
     def _probe(self, spec: GroupSpec) -> dict[str, Any]:
         rc, out, err = self._child([*self._cli(), "points", first_target(spec), "--set", spec.name, "--json"], 120)
@@ -468,6 +455,7 @@ class Agent:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.start_metrics()
+        self.runner.start_server()
         while not self.stopping:
             if self._connect() and (self.dirty.is_set() or time.monotonic() - self.last_scan > self.cfg.rescan):
                 self.dirty.clear()
@@ -508,11 +496,10 @@ class Agent:
             for rt in self.groups.values():
                 self._collect(rt, _now())
         self.tick()  # the finished cycles' edges (rpo-restored) and states, before going: nothing new starts now
-        with self.children_lock:
-            for proc in list(self.children):
-                log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signal.SIGTERM)
+        for proc in self.runner.live():
+            log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
         return 0
 
