@@ -110,7 +110,8 @@ class Agent:
         self.runner = worker.Runner()
         self.conn: libvirt.virConnect | None = None
         self.disconnected_since: float | None = None
-        self.dirty = threading.Event()
+        self.wake = threading.Event()  # the loop's sleep ends early: a cycle or probe ended, or a rescan is due
+        self.dirty = _Flag(self.wake)
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
@@ -183,7 +184,11 @@ class Agent:
         for gname, spec in specs.items():
             rt = self.groups.get(gname)
             if rt is None:
-                self.groups[gname] = Runtime(spec, state="violated" if gname in self.open_violations else "unknown")
+                self.groups[gname] = Runtime(
+                    spec,
+                    state="violated" if gname in self.open_violations else "unknown",
+                    durations=self.db.durations(gname, rpo.HISTORY),  # a restarted agent predicts from its history
+                )
                 self.open_violations.discard(gname)
                 log.info(
                     "protecting %s: %s -> %s, RPO %s",
@@ -289,6 +294,7 @@ class Agent:
                 self.running_cycles += 1
                 rt.running_since = now
                 rt.future = self.pool.submit(self._cycle, spec)
+                rt.future.add_done_callback(lambda f: self.wake.set())  # the next cycle may start at once
             self._save(rt, now)
 
     def _collect(self, rt: Runtime, now: datetime) -> None:
@@ -476,8 +482,15 @@ class Agent:
             self.tick()
             if self.conn is None:
                 self.dirty.clear()  # no rescan without libvirtd (reconnecting marks it again): do not spin
-            self.dirty.wait(self.cfg.tick)
+            self.wake.wait(self._sleep_s())
+            self.wake.clear()
         return self._shutdown()
+
+    def _sleep_s(self) -> float:
+        """Until the next tick, or the earliest scheduled cycle start if sooner."""
+        now = _now()
+        due = [(rt.next_run - now).total_seconds() for rt in self.groups.values() if rt.next_run and rt.future is None]
+        return max(0.0, min([self.cfg.tick, *[d for d in due if d > 0]]))
 
     def _on_stop(self, signum: int, frame: object) -> None:
         log.info("signal %d: finishing running cycles (up to %.0f s), then stopping", signum, self.cfg.stop_timeout)
@@ -502,6 +515,18 @@ class Agent:
                 proc.send_signal(signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
         return 0
+
+
+class _Flag(threading.Event):
+    """An event that also wakes the agent's loop when set."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
 
 
 def first_target(spec: GroupSpec) -> str:
