@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +85,13 @@ class GroupRow:
     updated: float
 
 
-def _unchanged_key(row: GroupRow) -> GroupRow:
+_KEY_FIELDS = tuple(f.name for f in fields(GroupRow) if f.name not in ("updated", "next_run"))
+
+
+def _unchanged_key(row: GroupRow) -> tuple[object, ...]:
     """What makes a row worth writing: all but ``updated``; a next run already due is just "due"."""
     due = row.next_run is not None and row.next_run <= row.updated
-    return replace(row, updated=0.0, next_run=-1.0 if due else row.next_run)
+    return (*(getattr(row, f) for f in _KEY_FIELDS), -1.0 if due else row.next_run)
 
 
 class StateDB:
@@ -99,7 +102,7 @@ class StateDB:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self.conn = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
-        self._written: dict[str, tuple[GroupRow, float]] = {}
+        self._written: dict[str, tuple[tuple[object, ...], float]] = {}
         if not readonly:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")

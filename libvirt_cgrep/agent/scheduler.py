@@ -271,6 +271,7 @@ class Agent:
             )
             if not rt.known and rt.probe is None and not self.stopping:
                 rt.probe = self.pool.submit(self._probe, spec)
+                rt.probe.add_done_callback(lambda f: self.wake.set())
             state = rpo.classify(view, now) if rt.known else "unknown"
             if rt.known and state not in ("violated", "paused") and rt.failures:
                 state = "error" if state == "ok" else state
