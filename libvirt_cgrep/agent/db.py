@@ -11,13 +11,15 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from libvirt_cgrep.errors import NotFoundError
 
 DEFAULT_STATE_DIR = Path("/var/lib/libvirt-cgrep")
+#: A group's unchanged row is rewritten this often (s), so ``status`` sees the agent alive (it warns after 30 s).
+HEARTBEAT = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (
@@ -83,6 +85,15 @@ class GroupRow:
     updated: float
 
 
+_KEY_FIELDS = tuple(f.name for f in fields(GroupRow) if f.name not in ("updated", "next_run"))
+
+
+def _unchanged_key(row: GroupRow) -> tuple[object, ...]:
+    """What makes a row worth writing: all but ``updated``; a next run already due is just "due"."""
+    due = row.next_run is not None and row.next_run <= row.updated
+    return (*(getattr(row, f) for f in _KEY_FIELDS), -1.0 if due else row.next_run)
+
+
 class StateDB:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         if readonly and not path.exists():
@@ -91,6 +102,7 @@ class StateDB:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self.conn = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+        self._written: dict[str, tuple[tuple[object, ...], float]] = {}
         if not readonly:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -100,7 +112,13 @@ class StateDB:
     def close(self) -> None:
         self.conn.close()
 
-    def upsert_group(self, row: GroupRow) -> None:
+    def upsert_group(self, row: GroupRow) -> bool:
+        """Write a group's row if it changed (``updated`` aside) or every :data:`HEARTBEAT` s; True if written."""
+        key = _unchanged_key(row)
+        last = self._written.get(row.name)
+        if last is not None and last[0] == key and row.updated - last[1] < HEARTBEAT:
+            return False
+        self._written[row.name] = (key, row.updated)
         self.conn.execute(
             "INSERT INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
             "members=excluded.members, target=excluded.target, rpo=excluded.rpo, state=excluded.state, "
@@ -123,10 +141,12 @@ class StateDB:
                 row.updated,
             ),
         )
+        return True
 
     def drop_groups_except(self, names: Sequence[str]) -> None:
         marks = ",".join("?" for _ in names) or "''"
         self.conn.execute(f"DELETE FROM groups WHERE name NOT IN ({marks})", list(names))
+        self._written = {k: v for k, v in self._written.items() if k in names}
 
     def groups(self) -> list[GroupRow]:
         rows = self.conn.execute("SELECT * FROM groups ORDER BY name").fetchall()

@@ -6,7 +6,7 @@ Guarantees:
 - each group's next cycle is started by the RPO maths of ``core.rpo``; at
   most ``concurrency`` cycles run at once and one group's failure or slowness
   never delays another's schedule (each group is scheduled independently);
-- every cycle is a ``virt-cgrep sync`` child process: if the agent dies or is
+- every cycle is a ``virt-cgrep sync`` child process (``agent.worker``): if the agent dies or is
   stopped, the child dies too and its guardian resumes any held guest, and
   the target's commit rule keeps every point whole;
 - alerts are raised on state edges only (``rpo-violated``/``rpo-restored``
@@ -21,8 +21,6 @@ import contextlib
 import json
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.agent import worker
 from libvirt_cgrep.agent.alerts import Alert, AlertSink
 from libvirt_cgrep.agent.config import AgentConfig
 from libvirt_cgrep.agent.db import GroupRow, StateDB
@@ -108,11 +107,11 @@ class Agent:
         self.groups: dict[str, Runtime] = {}
         self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="cycle")
         self.running_cycles = 0
-        self.children: set[subprocess.Popen[str]] = set()
-        self.children_lock = threading.Lock()
+        self.runner = worker.Runner()
         self.conn: libvirt.virConnect | None = None
         self.disconnected_since: float | None = None
-        self.dirty = threading.Event()
+        self.wake = threading.Event()  # the loop's sleep ends early: a cycle or probe ended, or a rescan is due
+        self.dirty = _Flag(self.wake)
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
@@ -185,7 +184,11 @@ class Agent:
         for gname, spec in specs.items():
             rt = self.groups.get(gname)
             if rt is None:
-                self.groups[gname] = Runtime(spec, state="violated" if gname in self.open_violations else "unknown")
+                self.groups[gname] = Runtime(
+                    spec,
+                    state="violated" if gname in self.open_violations else "unknown",
+                    durations=self.db.durations(gname, rpo.HISTORY),  # a restarted agent predicts from its history
+                )
                 self.open_violations.discard(gname)
                 log.info(
                     "protecting %s: %s -> %s, RPO %s",
@@ -209,21 +212,10 @@ class Agent:
 
     # ------------------------------------------------------------ children
     def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with self.children_lock:
-            self.children.add(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finally:
-            with self.children_lock:
-                self.children.discard(proc)
-        return proc.returncode, out, err
+        return self.runner.run(argv, timeout)  # see agent.worker: pre-imported, dies with the agent
 
     def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "libvirt_cgrep", "-c", self.cfg.uri]
+        return ["-c", self.cfg.uri]
 
     def _probe(self, spec: GroupSpec) -> dict[str, Any]:
         rc, out, err = self._child([*self._cli(), "points", first_target(spec), "--set", spec.name, "--json"], 120)
@@ -279,6 +271,7 @@ class Agent:
             )
             if not rt.known and rt.probe is None and not self.stopping:
                 rt.probe = self.pool.submit(self._probe, spec)
+                rt.probe.add_done_callback(lambda f: self.wake.set())
             state = rpo.classify(view, now) if rt.known else "unknown"
             if rt.known and state not in ("violated", "paused") and rt.failures:
                 state = "error" if state == "ok" else state
@@ -302,6 +295,7 @@ class Agent:
                 self.running_cycles += 1
                 rt.running_since = now
                 rt.future = self.pool.submit(self._cycle, spec)
+                rt.future.add_done_callback(lambda f: self.wake.set())  # the next cycle may start at once
             self._save(rt, now)
 
     def _collect(self, rt: Runtime, now: datetime) -> None:
@@ -468,6 +462,7 @@ class Agent:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.start_metrics()
+        self.runner.start_server()
         while not self.stopping:
             if self._connect() and (self.dirty.is_set() or time.monotonic() - self.last_scan > self.cfg.rescan):
                 self.dirty.clear()
@@ -488,8 +483,15 @@ class Agent:
             self.tick()
             if self.conn is None:
                 self.dirty.clear()  # no rescan without libvirtd (reconnecting marks it again): do not spin
-            self.dirty.wait(self.cfg.tick)
+            self.wake.wait(self._sleep_s())
+            self.wake.clear()
         return self._shutdown()
+
+    def _sleep_s(self) -> float:
+        """Until the next tick, or the earliest scheduled cycle start if sooner."""
+        now = _now()
+        due = [(rt.next_run - now).total_seconds() for rt in self.groups.values() if rt.next_run and rt.future is None]
+        return max(0.0, min([self.cfg.tick, *[d for d in due if d > 0]]))
 
     def _on_stop(self, signum: int, frame: object) -> None:
         log.info("signal %d: finishing running cycles (up to %.0f s), then stopping", signum, self.cfg.stop_timeout)
@@ -508,13 +510,24 @@ class Agent:
             for rt in self.groups.values():
                 self._collect(rt, _now())
         self.tick()  # the finished cycles' edges (rpo-restored) and states, before going: nothing new starts now
-        with self.children_lock:
-            for proc in list(self.children):
-                log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signal.SIGTERM)
+        for proc in self.runner.live():
+            log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
         return 0
+
+
+class _Flag(threading.Event):
+    """An event that also wakes the agent's loop when set."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
 
 
 def first_target(spec: GroupSpec) -> str:

@@ -74,8 +74,8 @@ def parse_target(text: str) -> Target:
 def receiver_argv(target: Target, *, readonly: bool = False, ssh_options: tuple[str, ...] = ()) -> list[str]:
     """The argv that starts the target's receiver."""
     mode = ["--read-only"] if readonly else []
-    if target.host is None:
-        return [sys.executable, "-m", "libvirt_cgrep", "receive", *mode, target.path]
+    if target.host is None:  # the receiver's lean entry: no CLI imports per cycle
+        return [sys.executable, "-m", "libvirt_cgrep.replica.serve", *mode, target.path]
     remote = shlex.split(os.environ.get(REMOTE_CMD_ENV, "virt-cgrep"))
     argv = [
         "ssh",
