@@ -16,7 +16,7 @@ from libvirt_cgrep.cli.output import emit_json, print_table
 from libvirt_cgrep.core import protection as prot
 from libvirt_cgrep.core import rpo
 from libvirt_cgrep.core.names import parse_count, validate_name
-from libvirt_cgrep.errors import EXIT_OK, CgrepError, NotFoundError, UsageError
+from libvirt_cgrep.errors import EXIT_OK, CgrepError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica.link import parse_target
 
 AGENT_HELP = """\
@@ -131,6 +131,20 @@ def _leave(found: dict[str, tuple[libvirt.virDomain, prot.Protection]], group: s
     return done
 
 
+def group_members(conn: libvirt.virConnect, group: str) -> list[str]:
+    """The members of protection group ``group``; StateError if a declared member is missing."""
+    found = {n: q for n, (_, q) in _protected(conn).items() if q.group == group}
+    if not found:
+        raise NotFoundError(f"no protected domain is in group {group!r}")
+    missing = sorted({m for q in found.values() for m in q.members} - set(found))
+    if missing:
+        raise StateError(
+            f"member {', '.join(missing)} of group {group!r} is missing: no partial group point "
+            "('virt-cgrep unprotect' takes a member out of its group)"
+        )
+    return sorted(found)
+
+
 def cmd_protect(args: argparse.Namespace) -> int:
     names = [validate_name(d, "domain name") for d in args.domains]
     if len(set(names)) != len(names):
@@ -191,20 +205,24 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
     found = _protected(conn)
     plan: list[tuple[str, libvirt.virDomain | None, str | None]] = []
     for name in names:
+        # a declared member whose domain or element is gone leaves its group by name
+        groups = sorted({q.group for n, (_, q) in found.items() if q.group and name in q.members and n != name})
         try:
             dom = lv.lookup(conn, name)
         except NotFoundError:
-            groups = sorted({q.group for _, q in found.values() if q.group and name in q.members})
             if not groups:
                 raise
-            plan += [(name, None, g) for g in groups]  # a member whose domain is gone: leave its group by name
+            plan += [(name, None, g) for g in groups]
             continue
         try:
             dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                raise lv.translate(exc, "reading metadata") from exc
+            if not groups:
                 raise NotFoundError(f"{name} is not protected") from exc
-            raise lv.translate(exc, "reading metadata") from exc
+            plan += [(name, None, g) for g in groups]
+            continue
         old = found.get(name)
         plan.append((name, dom, old[1].group if old else None))
     for name, dom, group in plan:
@@ -212,7 +230,7 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
             _write(dom, name, None)
         rest = _leave(found, group, {name}) if group else []
         left = f" and left group {group}" + (f" ({', '.join(rest)} go on without it)" if rest else "") if group else ""
-        state = "is no longer protected" if dom is not None else "is not defined: removed from its group"
+        state = "is no longer protected" if dom is not None else "was not protected any more: removed from its group"
         print(f"{name} {state}{left} (its points stay on the target)")
     return EXIT_OK
 
