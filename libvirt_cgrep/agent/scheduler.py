@@ -313,8 +313,10 @@ class Agent:
                 self._transition(rt, state, now)
             rt.next_run = rpo.next_start(view, now, self.cfg.margin)
             due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
+            # (judged only between cycles: our own cycle pauses the members during its hold)
             blocked = None if paused else spec.blocked()
-            self._block_edge(rt, blocked, now)
+            if rt.future is None and blocked is None and rt.blocked is not None:
+                self._unblocked(rt, now)
             if due and blocked:
                 self._blocked_cycle(rt, blocked, now)
                 due = False
@@ -324,20 +326,21 @@ class Agent:
                 rt.future = self.pool.submit(self._cycle, spec)
             self._save(rt, now)
 
-    def _block_edge(self, rt: Runtime, blocked: str | None, now: datetime) -> None:
-        """``group-blocked`` when a group cannot be cut whole any more, ``group-unblocked`` when it can again."""
-        if blocked == rt.blocked:
-            return
-        if blocked is None and rt.blocked is not None:
-            if rt.last_error == rt.blocked:  # the failures were the blocking: its cause is gone, start at once
-                rt.failures, rt.last_failure, rt.last_error = 0, None, None
-            self._alert(rt, "group-unblocked", f"every member of {rt.spec.name} runs again: group cycles resume", now)
-        elif blocked is not None and rt.blocked is None:
-            self._alert(rt, "group-blocked", blocked, now)
-        rt.blocked = blocked
+    def _unblocked(self, rt: Runtime, now: datetime) -> None:
+        """``group-unblocked``: every member can be cut again (paired with the ``group-blocked`` before it)."""
+        if rt.last_error == rt.blocked:  # the failures were the blocking: its cause is gone, start at once
+            rt.failures, rt.last_failure, rt.last_error = 0, None, None
+        rt.blocked = None
+        self._alert(rt, "group-unblocked", f"every member of {rt.spec.name} can be cut again: group cycles resume", now)
 
     def _blocked_cycle(self, rt: Runtime, blocked: str, now: datetime) -> None:
-        """A due cycle of a blocked group fails at once (no child, nothing held): counted, recorded, backed off."""
+        """A due cycle of a blocked group fails at once (no child, nothing held): counted, recorded, backed off.
+
+        The first one raises ``group-blocked``.
+        """
+        if rt.blocked is None:
+            self._alert(rt, "group-blocked", blocked, now)
+        rt.blocked = blocked
         log.warning("%s: cycle failed (%d in a row): %s", rt.spec.name, rt.failures + 1, blocked)
         rt.failures += 1
         rt.last_failure = now

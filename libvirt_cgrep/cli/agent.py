@@ -25,8 +25,13 @@ It protects every domain whose metadata carries a <protection> element (set
 with 'virt-cgrep protect'), one group at a time per group name (a domain
 without a group is its own group). Each group's next cycle ('virt-cgrep sync'
 as a child process) starts early enough that the newest committed point never
-gets older than the RPO. Alerts: rpo-violated / rpo-restored (paired) and
-rpo-at-risk, to the log, a JSON-lines file and an optional command.
+gets older than the RPO. A group ('protect A B --group G') is one unit: one
+cycle cuts every member under one suspend fence (each member is paused for
+about one snapshot call) and commits one point for all of them; a member that
+is shut off, paused or missing fails the cycle (no partial group point) until
+it runs again or is taken out with 'virt-cgrep unprotect'. Alerts:
+rpo-violated / rpo-restored (paired), rpo-at-risk, group-blocked /
+group-unblocked (paired), to the log, a JSON-lines file and an optional command.
 
 signals:
   SIGTERM, SIGINT  finish running cycles (up to stop_timeout), then stop; a cycle

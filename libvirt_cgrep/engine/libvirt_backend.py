@@ -216,9 +216,13 @@ class LibvirtBackend:
             why = lv.translate(exc, "snapshot")
             raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {why}") from exc
         cut_ms = (time.monotonic() - t0) * 1000.0
+        # libvirt's ATOMIC snapshot moved every disk or none; the definitions are read by confirm(), after the hold
+        return GuestCut(self.name, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
+
+    def confirm(self, txn: Transaction) -> None:
+        """Both definitions name the new overlays (read after the resume: the reads grow with the chain depth)."""
         live = {d.target: d for d in disks_of(lv.live_xml(self.dom))}
         persistent = {d.target: d for d in disks_of(lv.persistent_xml(self.dom))}
-        cuts = []
         for a in txn.actions:
             now = live.get(a.target)
             if now is None or now.image != a.overlay:
@@ -226,8 +230,6 @@ class LibvirtBackend:
             conf = persistent.get(a.target)
             if conf is None or conf.image != a.overlay:
                 raise LibvirtError(f"{self.name}: the persistent definition of {a.target} does not name {a.overlay}")
-            cuts.append(DiskCut(a.target, a.frozen, now.image))
-        return GuestCut(self.name, tuple(cuts), cut_ms)
 
     def discard(self, txn: Transaction) -> None:
         live = {d.target: d.chain for d in disks_of(lv.live_xml(self.dom))} if self.dom.isActive() else {}

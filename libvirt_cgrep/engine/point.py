@@ -81,6 +81,9 @@ def take_point(
                 with contextlib.suppress(Exception):
                     b.discard(txn)
         raise
+    # outside the hold: every guest's definitions name its new overlays (a cut guest keeps its overlay either way)
+    for b, txn in prepared:
+        b.confirm(txn)
     cuts = [done[i] for i in sorted(done)]
     total = max(c.cut_ms for c in cuts)
     return PointResult(
@@ -159,11 +162,12 @@ def _hold_and_cut(
                 time.sleep(fault_ms / 1000.0)
             done[i] = b.cut(txn)
         finally:
-            try:
-                b.resume()  # idempotent: resumes a guest whether or not it was paused
+            # Idempotent: resumes a guest whether or not it was paused. If it fails (the guardian may have
+            # resumed the guest first), the guardian is told to resume it below: not an error of the cut.
+            with contextlib.suppress(Exception):
+                b.resume()
                 resumed[i] = True
-            finally:
-                ends[i] = clock()
+            ends[i] = clock()
 
     with Guardian(specs, deadline_ms) as guardian:
         guardian.arm()
