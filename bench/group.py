@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,8 @@ from libvirt_cgrep.engine.point import _each, take_point
 from libvirt_cgrep.lab.domain import wait_for_ack
 
 METHODS = ("single", "group", "staged", "naive")
+#: The guardian's deadline for the measured holds: long, so that a loaded machine measures instead of failing.
+DEADLINE_MS = 10_000.0
 
 
 @dataclass
@@ -86,7 +89,7 @@ class Guest:
 def m_take(guests: Sequence[Guest]) -> tuple[float | None, float | None, list[float]]:
     backends = [g.backend() for g in guests]
     try:
-        res = take_point(backends, fence="suspend")
+        res = take_point(backends, fence="suspend", deadline_ms=DEADLINE_MS)
     finally:
         for b in backends:
             b.close()
@@ -311,6 +314,10 @@ def table(results: dict[str, dict[str, dict[str, float | None]]]) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="2x4,3x2", help="VMSxDISKS,... (libvirt; default 2x4,3x2)")
@@ -319,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--qmp", default="2x4", help="qmp backend configs (bare QEMU), '' for none (default 2x4)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/group.json"))
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly: every guest is removed in its finally block
     host = {
         "time_utc": datetime.now(UTC).isoformat(),
         "kernel": platform.release(),
