@@ -47,7 +47,20 @@ import libvirt
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import URI, Window, fmt, guest_artifacts, lab_domain, log_offset, median, percentile, ratio, wait_progress
+from bench.common import (
+    URI,
+    Window,
+    boot_copies,
+    fmt,
+    guest_artifacts,
+    lab_domain,
+    log_offset,
+    median,
+    percentile,
+    private_libvirtd,
+    ratio,
+    wait_progress,
+)
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core.model import GuestCut
@@ -181,17 +194,19 @@ def one(method: str, guests: Sequence[Guest], trial: int, quiet_s: float = 1.0, 
 
 
 @contextlib.contextmanager
-def libvirt_guests(conn: libvirt.virConnect, vms: int, disks: int) -> Iterator[list[Guest]]:
+def libvirt_guests(
+    conn: libvirt.virConnect, vms: int, disks: int, uri: str = URI, boot: tuple[Path, Path] | None = None
+) -> Iterator[list[Guest]]:
     with contextlib.ExitStack() as stack:
         out = []
         for _ in range(vms):
-            vm = stack.enter_context(lab_domain(conn, disks, tag=f"grp{vms}x{disks}-", size=32 << 20))
+            vm = stack.enter_context(lab_domain(conn, disks, tag=f"grp{vms}x{disks}-", size=32 << 20, boot=boot))
             name = vm.name
 
             def make(name: str = name) -> Backend:
                 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 
-                return LibvirtBackend(lv.connect(URI), name, URI)  # one connection per domain
+                return LibvirtBackend(lv.connect(uri), name, uri)  # one connection per domain
 
             out.append(Guest(name, vm.directory / "console.log", make))
         yield out
@@ -324,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epoch", type=int, default=10, help="fresh guests every N rounds (default 10)")
     ap.add_argument("--qmp", default="2x4", help="qmp backend configs (bare QEMU), '' for none (default 2x4)")
+    ap.add_argument(
+        "--daemon",
+        default="",
+        help="run the libvirt configs on a private libvirtd with these qemu.conf settings, e.g. "
+        "'namespaces=[],remember_owner=0' (a lever; 'control' for the stock qemu.conf)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/group.json"))
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly: every guest is removed in its finally block
@@ -333,7 +354,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "libvirt": libvirt.getVersion(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
-    conn = libvirt.open(URI)
+    with contextlib.ExitStack() as stack:
+        uri, boot = URI, None
+        if args.daemon:
+            extra = dict(kv.split("=", 1) for kv in args.daemon.split(",") if kv != "control")
+            boot = stack.enter_context(boot_copies())
+            uri = stack.enter_context(private_libvirtd(extra))
+            host["daemon"] = args.daemon
+        run_all(args, uri, boot, host)
+    return 0
+
+
+def run_all(args: argparse.Namespace, uri: str, boot: tuple[Path, Path] | None, host: dict[str, object]) -> None:
+    conn = libvirt.open(uri)
     raw: dict[str, list[dict[str, object]]] = {}
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for backend, cfgs in (("libvirt", args.configs), ("qmp", args.qmp)):
@@ -345,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def opener(
                 vms: int = vms, disks: int = disks, backend: str = backend
             ) -> contextlib.AbstractContextManager[list[Guest]]:
-                return libvirt_guests(conn, vms, disks) if backend == "libvirt" else qmp_guests(vms, disks)
+                return libvirt_guests(conn, vms, disks, uri, boot) if backend == "libvirt" else qmp_guests(vms, disks)
 
             samples = run_config(opener, args.trials, args.epoch, label)
             raw[label] = [asdict(s) for s in samples]
@@ -358,7 +391,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"host": host, "results": results, "samples": raw}, indent=2))
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
