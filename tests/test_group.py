@@ -103,7 +103,7 @@ def test_agent_protects_a_group_as_one_unit(
     conn: libvirt.virConnect, lab_group: GroupFactory, agent_dir: Path, tmp_path: Path
 ) -> None:
     """protect A B --group G; the agent commits 10 group points, all consistent across VMs on the target; retention per group."""
-    grp = lab_group(vms=2, disks=2, tag="agrp")
+    grp = lab_group(vms=2, disks=1, tag="agrp")
     a, b = (m.name for m in grp.members)
     g = grp.name + "-set"
     target = tmp_path / "replica"
@@ -178,7 +178,7 @@ def test_member_down_blocks_the_group_until_unprotected(
     a, b = (m.name for m in grp.members)
     g = grp.name + "-set"
     target = tmp_path / "replica"
-    cli("protect", a, b, "--group", g, "--target", str(target), "--rpo", "8s")
+    cli("protect", a, b, "--group", g, "--target", str(target), "--rpo", "5s")
     # b's element removed behind our back: the group is incomplete, a point of it is refused
     lv.lookup(conn, b).setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
@@ -191,7 +191,7 @@ def test_member_down_blocks_the_group_until_unprotected(
     assert refused.returncode == 66 and f"member {b} of group '{g}' is missing" in refused.stderr, refused.stderr
     refused = cli("sync", "--group", g, "--target", str(target), "--fence", "suspend", check=False)
     assert refused.returncode == 66 and not points(target, g)
-    cli("protect", b, "--group", g, "--target", str(target), "--rpo", "8s")
+    cli("protect", b, "--group", g, "--target", str(target), "--rpo", "5s")
     assert members_of(conn, a) == (g, (a, b))
     agent = launch(agent_dir, g)
     try:
@@ -237,7 +237,7 @@ def test_agent_sigkilled_during_a_group_hold(
     conn: libvirt.virConnect, lab_group: GroupFactory, agent_dir: Path, tmp_path: Path
 ) -> None:
     """SIGKILL of the agent while its cycle holds both members: both run again within the deadline + 1 s; nothing committed."""
-    grp = lab_group(vms=2, disks=2, tag="kgrp")
+    grp = lab_group(vms=2, disks=1, tag="kgrp")
     names = [m.name for m in grp.members]
     g = grp.name + "-set"
     target = tmp_path / "replica"
@@ -278,7 +278,7 @@ class CorruptingBackend(LibvirtBackend):
 
 def test_one_members_transaction_fails(conn: libvirt.virConnect, lab_group: GroupFactory, tmp_path: Path) -> None:
     """One member's cut fails inside the group hold: no group point, every member runs on a valid chain, nothing lost."""
-    grp = lab_group(vms=2, disks=2, tag="fgrp")
+    grp = lab_group(vms=2, disks=1, tag="fgrp")
     a, b = (m.name for m in grp.members)
     target = tmp_path / "replica"
     g = grp.name + "-set"
