@@ -311,23 +311,38 @@ def test_one_members_transaction_fails(conn: libvirt.virConnect, lab_group: Grou
 # ---------------------------------------------------------------------------- 100 group points (slow)
 
 
+#: a generous deadline: a loaded CI host must not turn a slow hold into a failed cycle of this consistency test
+LONG = ("--deadline", "10000")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("vms", "disks"), [(2, 4), (3, 2)])
 def test_hundred_group_points_on_the_target(lab_group: GroupFactory, tmp_path: Path, vms: int, disks: int) -> None:
-    """100 group syncs (one suspend fence over every member) into a target: 100/100 consistent across VMs there."""
+    """100 group syncs (one suspend fence over every member) into a target: 100/100 consistent across VMs there.
+
+    A cycle whose hold passed its deadline (exit 73: the guardian resumed the guests, nothing was committed) is
+    retried and counted: it says the host was overloaded, not that a point was wrong.
+    """
     grp = lab_group(vms=vms, disks=disks, tag=f"h{vms}{disks}")
     names = [m.name for m in grp.members]
     target = tmp_path / "replica"
     g = grp.name + "-set"
-    holds = []
-    for _ in range(100):
+    holds: list[float] = []
+    overruns = 0
+    while len(holds) < 100:
         wait_chain(grp, records=5)
-        res = json.loads(
-            cli("sync", *names, "--set", g, "--target", str(target), "--fence", "suspend", "--keep", "100", "--json").stdout
-        )
-        holds.append(float(res.get("fence_ms") or 0))
+        argv = ["sync", *names, "--set", g, "--target", str(target), "--fence", "suspend", "--keep", "100", *LONG, "--json"]
+        out = cli(*argv, check=False)
+        if out.returncode == 73 and overruns < 20:
+            overruns += 1
+            continue
+        assert out.returncode == 0, out.stderr
+        holds.append(float(json.loads(out.stdout).get("fence_ms") or 0))
     res = json.loads(cli("verify", str(target), "--set", g, "--write-order", "--json").stdout)
     consistent = sum(1 for v in res if v["ok"] and v["write_order"]["consistent"])
     holds.sort()
-    print(f"{vms} VMs x {disks} disks: {consistent}/{len(res)} group points consistent on target; hold median {holds[50]:.0f} ms")
+    print(
+        f"{vms} VMs x {disks} disks: {consistent}/{len(res)} group points consistent on target; "
+        f"hold median {holds[50]:.0f} ms; {overruns} holds past the deadline retried; load {os.getloadavg()}"
+    )
     assert len(res) == 100 and consistent == 100
