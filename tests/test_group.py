@@ -38,6 +38,10 @@ from tests.test_lab_group import done_max, wait_chain
 
 __all__ = ["agent_dir"]  # the fixture, re-exported for pytest
 
+#: a generous deadline for syncs by hand: a loaded host must not turn a slow hold into a failed cycle of a test
+#: about something else (the deadline itself is tested in test_point_libvirt.py)
+LONG = ("--deadline", "10000")
+
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
@@ -149,7 +153,7 @@ def test_agent_protects_a_group_as_one_unit(
     res = json.loads(cli("verify", str(target), "--set", g, "--write-order", "--json").stdout)
     assert len(res) == 10 and all(v["ok"] and v["write_order"]["consistent"] for v in res), res
     # retention per group: one more group cycle by hand (sync --group) keeps the newest 10
-    cli("sync", "--group", g, "--target", str(target), "--fence", "suspend", "--keep", "10")
+    cli("sync", "--group", g, "--target", str(target), "--fence", "suspend", "--keep", "10", *LONG)
     after = points(target, g)
     assert len(after) == 10 and after[0]["id"] == pts[1]["id"] and after[-2]["id"] == pts[-1]["id"]
     assert json.loads(cli("verify", str(target), "--set", g, "--point", after[0]["id"], "--write-order", "--json").stdout)[0][
@@ -282,14 +286,14 @@ def test_one_members_transaction_fails(conn: libvirt.virConnect, lab_group: Grou
     a, b = (m.name for m in grp.members)
     target = tmp_path / "replica"
     g = grp.name + "-set"
-    cli("sync", a, b, "--set", g, "--target", str(target), "--fence", "suspend")  # a first point
+    cli("sync", a, b, "--set", g, "--target", str(target), "--fence", "suspend", *LONG)  # a first point
     before = point_ids(target)
     b_live, b_conf = tops(conn, b), tops(conn, b, persistent=True)
     acked = done_max(grp)
     backends = [LibvirtBackend(lv.connect(URI), a, URI), CorruptingBackend(lv.connect(URI), b, URI)]
     try:
         with pytest.raises(CutError):
-            sync(backends, parse_target(str(target)), set_name=g, fence="suspend")
+            sync(backends, parse_target(str(target)), set_name=g, fence="suspend", deadline_ms=10_000)
     finally:
         for be in backends:
             be.close()
@@ -300,7 +304,7 @@ def test_one_members_transaction_fails(conn: libvirt.virConnect, lab_group: Grou
     assert tops(conn, b) == b_live and tops(conn, b, persistent=True) == b_conf, "the failed member's chain changed"
     wait_chain(labdom.get_group(conn, grp.name), records=20)
     # nothing acknowledged is lost: the next group point (on these chains) holds every record DONE before the fault
-    cli("sync", a, b, "--set", g, "--target", str(target), "--fence", "suspend")
+    cli("sync", a, b, "--set", g, "--target", str(target), "--fence", "suspend", *LONG)
     res = json.loads(cli("verify", str(target), "--set", g, "--write-order", "--json").stdout)
     assert all(v["ok"] for v in res), res
     newest = points(target, g)[-1]
@@ -309,10 +313,6 @@ def test_one_members_transaction_fails(conn: libvirt.virConnect, lab_group: Grou
 
 
 # ---------------------------------------------------------------------------- 100 group points (slow)
-
-
-#: a generous deadline: a loaded CI host must not turn a slow hold into a failed cycle of this consistency test
-LONG = ("--deadline", "10000")
 
 
 @pytest.mark.slow
