@@ -57,7 +57,7 @@ guest pauses:
   Only --fence suspend pauses guests (point, sync, and every group: a
   group's points always use it): from the pause to the resume, about as long
   as libvirt's snapshot call (~50-150 ms for 2-8 disks under TCG; a group of
-  2-3 VMs ~1.2-1.5x that, all members at once; bare QEMU by QMP ~10-30 ms),
+  2-3 VMs ~1.1-1.5x that, all members at once, see docs/operations-hold.md),
   never longer than --deadline (a guardian process resumes them).
   --fence none (the default for one domain) never pauses: QEMU drains the
   disks for the few ms of the transaction. A pause-free group cut comes with
