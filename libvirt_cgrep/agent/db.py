@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,20 @@ class GroupRow:
     last_duration: float | None
     last_bytes: int | None
     updated: float
+    #: each member's state (running, paused, shutoff, missing), in the order of ``members``
+    member_states: tuple[str, ...] = ()
+
+
+def _members_json(row: GroupRow) -> str:
+    return json.dumps({"names": list(row.members), "states": list(row.member_states)})
+
+
+def _members_parse(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The members column: a list of names (older agents) or names and states."""
+    v = json.loads(text)
+    if isinstance(v, list):
+        return tuple(v), ()
+    return tuple(v["names"]), tuple(v.get("states", ()))
 
 
 _KEY_FIELDS = tuple(f.name for f in fields(GroupRow) if f.name not in ("updated", "next_run"))
@@ -127,7 +141,7 @@ class StateDB:
             "last_bytes=excluded.last_bytes, updated=excluded.updated",
             (
                 row.name,
-                json.dumps(list(row.members)),
+                _members_json(row),
                 row.target,
                 row.rpo,
                 row.state,
@@ -150,7 +164,11 @@ class StateDB:
 
     def groups(self) -> list[GroupRow]:
         rows = self.conn.execute("SELECT * FROM groups ORDER BY name").fetchall()
-        return [GroupRow(r[0], tuple(json.loads(r[1])), *r[2:]) for r in rows]
+        out = []
+        for r in rows:
+            names, states = _members_parse(r[1])
+            out.append(replace(GroupRow(r[0], names, *r[2:]), member_states=states))
+        return out
 
     def add_cycle(
         self,

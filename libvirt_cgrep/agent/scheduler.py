@@ -11,6 +11,11 @@ Guarantees:
   the target's commit rule keeps every point whole;
 - alerts are raised on state edges only (``rpo-violated``/``rpo-restored``
   always paired, ``rpo-at-risk``), recorded in the state DB and delivered;
+- a group is one unit: its cycle cuts every member under one fence, and a
+  member that is shut off, paused or missing (declared in the members'
+  metadata but not found) fails the group's cycle with a clear error and a
+  ``group-blocked`` alert (paired with ``group-unblocked``): never a partial
+  group point. ``virt-cgrep unprotect MEMBER`` takes a member out;
 - it reconnects to libvirtd by itself and learns changes from domain and
   metadata events, from the hooks' spool, and from a periodic rescan.
 """
@@ -74,6 +79,22 @@ class GroupSpec:
     protection: prot.Protection
     member_states: tuple[str, ...]
     problem: str | None = None
+    #: declared members (protect --group) whose domain or protection is not found
+    missing: tuple[str, ...] = ()
+
+    def blocked(self) -> str | None:
+        """Why a cycle of this group cannot run now (None: it can)."""
+        if self.problem:
+            return self.problem
+        if self.missing:
+            return (
+                f"member {', '.join(self.missing)} of group {self.name} is missing (undefined, or its protection "
+                "was removed other than by 'virt-cgrep unprotect'): no partial group point"
+            )
+        down = [f"{m} is {s}" for m, s in zip(self.members, self.member_states, strict=True) if s != "running"]
+        if down and not all(s == "shutoff" for s in self.member_states):
+            return f"member {', '.join(down)}: no partial group point"
+        return None
 
 
 @dataclass
@@ -94,6 +115,7 @@ class Runtime:
     durations: list[float] = field(default_factory=list)
     next_run: datetime | None = None
     reprobe: bool = False
+    blocked: str | None = None
 
 
 class Agent:
@@ -180,7 +202,12 @@ class Agent:
             problem = None
             if any((m[1].target, m[1].rpo, m[1].fence) != (first.target, first.rpo, first.fence) for m in ms):
                 problem = "members disagree on target, RPO or fence"
-            specs[gname] = GroupSpec(gname, tuple(m[0] for m in ms), first, tuple(m[2] for m in ms), problem)
+            elif len(ms) > 1 and first.fence != "suspend":
+                problem = "a group of several domains needs fence suspend"
+            found = tuple(m[0] for m in ms)
+            declared = {d for m in ms for d in m[1].members} if first.group else set()
+            missing = tuple(sorted(declared - set(found)))
+            specs[gname] = GroupSpec(gname, found, first, tuple(m[2] for m in ms), problem, missing)
         for gname, spec in specs.items():
             rt = self.groups.get(gname)
             if rt is None:
@@ -259,7 +286,7 @@ class Agent:
         for rt in self.groups.values():
             self._collect(rt, now)
             spec = rt.spec
-            paused = all(s == "shutoff" for s in spec.member_states)
+            paused = all(s == "shutoff" for s in spec.member_states) and not spec.missing
             view = rpo.GroupView(
                 rpo=spec.protection.rpo,
                 newest=rt.newest_time,
@@ -279,17 +306,12 @@ class Agent:
                 self._transition(rt, state, now)
             rt.next_run = rpo.next_start(view, now, self.cfg.margin)
             due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
-            blocked = spec.problem or (
-                "member "
-                + ", ".join(m for m, s in zip(spec.members, spec.member_states, strict=True) if s != "running")
-                + " is not running: no partial group point"
-                if any(s != "running" for s in spec.member_states) and not paused
-                else None
-            )
+            # (judged only between cycles: our own cycle pauses the members during its hold)
+            blocked = None if paused else spec.blocked()
+            if rt.future is None and blocked is None and rt.blocked is not None:
+                self._unblocked(rt, now)
             if due and blocked:
-                if rt.last_error != blocked:
-                    log.warning("%s: %s", spec.name, blocked)
-                rt.last_error = blocked
+                self._blocked_cycle(rt, blocked, now)
                 due = False
             if due and self.running_cycles < self.cfg.concurrency:
                 self.running_cycles += 1
@@ -297,6 +319,35 @@ class Agent:
                 rt.future = self.pool.submit(self._cycle, spec)
                 rt.future.add_done_callback(lambda f: self.wake.set())  # the next cycle may start at once
             self._save(rt, now)
+
+    def _unblocked(self, rt: Runtime, now: datetime) -> None:
+        """``group-unblocked``: every member can be cut again (paired with the ``group-blocked`` before it)."""
+        if rt.last_error == rt.blocked:  # the failures were the blocking: its cause is gone, start at once
+            rt.failures, rt.last_failure, rt.last_error = 0, None, None
+        rt.blocked = None
+        self._alert(rt, "group-unblocked", f"every member of {rt.spec.name} can be cut again: group cycles resume", now)
+
+    def _blocked_cycle(self, rt: Runtime, blocked: str, now: datetime) -> None:
+        """A due cycle of a blocked group fails at once (no child, nothing held): counted, recorded, backed off.
+
+        The first one raises ``group-blocked``.
+        """
+        if rt.blocked is None:
+            self._alert(rt, "group-blocked", blocked, now)
+        rt.blocked = blocked
+        log.warning("%s: cycle failed (%d in a row): %s", rt.spec.name, rt.failures + 1, blocked)
+        rt.failures += 1
+        rt.last_failure = now
+        rt.last_error = blocked
+        t = now.timestamp()
+        self.db.add_cycle(
+            rt.spec.name, started=t, ended=t, ok=False, point_id=None, nbytes=None, changed=None, hold_ms=None, error=blocked
+        )
+        self._observe(rt.spec.name, 0.0, 0, ok=False)
+
+    def _alert(self, rt: Runtime, kind: str, msg: str, now: datetime) -> None:
+        self.db.add_alert(rt.spec.name, kind, now.timestamp(), msg)
+        self.sink.deliver(Alert(kind, rt.spec.name, rt.state, msg, now))
 
     def _collect(self, rt: Runtime, now: datetime) -> None:
         if rt.probe is not None and rt.probe.done():
@@ -385,7 +436,7 @@ class Agent:
         self.db.upsert_group(
             GroupRow(
                 name=rt.spec.name,
-                members=rt.spec.members,
+                members=rt.spec.members + rt.spec.missing,
                 target=first_target(rt.spec),
                 rpo=float(rt.spec.protection.rpo),
                 state=rt.state,
@@ -397,6 +448,7 @@ class Agent:
                 last_duration=rt.last_duration,
                 last_bytes=rt.last_bytes,
                 updated=now.timestamp(),
+                member_states=rt.spec.member_states + ("missing",) * len(rt.spec.missing),
             )
         )
         if self.metrics is not None:

@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="libvirt domain(s); omit with --backend qmp")
     s.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
-    s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the domain's name)")
+    s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the group's or the domain's name)")
     s.add_argument("--fence", choices=("none", "suspend"), default="none", help="how I/O is held for the cut (default none)")
     s.add_argument("--deadline", default="2000", metavar="MS", help="longest hold with --fence suspend (default 2000)")
     s.add_argument("--disks", metavar="T,..", help="only these disk targets")
@@ -111,7 +111,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         result = sync(
             backends,
             target,
-            set_name=args.set,
+            set_name=args.set or args.group,
             fence=args.fence,
             deadline_ms=deadline,
             disks=parse_targets(args.disks) if args.disks else None,

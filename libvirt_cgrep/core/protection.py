@@ -4,8 +4,13 @@ The element lives under our own namespace, so a domain without it is never
 touched by the agent::
 
     <cgrep:protection xmlns:cgrep="urn:x-libvirt-cgrep:protection:1"
-        target="/srv/replica" rpo="300" group="app1" keep="24" keep-hourly="0"
-        keep-daily="0" fence="none" app-consistent="no" mode="snapshot"/>
+        target="/srv/replica" rpo="300" group="app1" members="db1,web1" keep="24"
+        keep-hourly="0" keep-daily="0" fence="suspend" app-consistent="no" mode="snapshot"/>
+
+``members`` is the group's declared membership, written on every member by
+``virt-cgrep protect``/``unprotect``: a declared member that is missing (its
+domain undefined, or its element removed behind our back) blocks the group's
+cycles instead of silently shrinking the group.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Protection:
     target: str
     rpo: int
     group: str | None = None
+    members: tuple[str, ...] = ()
     keep: int = 24
     keep_hourly: int = 0
     keep_daily: int = 0
@@ -42,6 +48,10 @@ class Protection:
             raise UsageError(f"RPO {self.rpo}s out of range")
         if self.group is not None:
             validate_name(self.group, "group name")
+        elif self.members:
+            raise UsageError("members are declared only for a group")
+        for m in self.members:
+            validate_name(m, "member name")
         if self.fence not in FENCES:
             raise UsageError(f"invalid fence {self.fence!r}")
         if self.mode not in MODES:
@@ -65,6 +75,8 @@ class Protection:
         }
         if self.group:
             attrs["group"] = self.group
+            if self.members:
+                attrs["members"] = ",".join(self.members)
         body = " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items())
         return f"<protection {body}/>"
 
@@ -73,6 +85,7 @@ class Protection:
             "target": self.target,
             "rpo": self.rpo,
             "group": self.group,
+            "members": list(self.members),
             "keep": self.keep,
             "keep_hourly": self.keep_hourly,
             "keep_daily": self.keep_daily,
@@ -90,6 +103,7 @@ def from_xml(xml: str) -> Protection:
             target=el.get("target", ""),
             rpo=int(el.get("rpo", "0")),
             group=el.get("group") or None,
+            members=tuple(m for m in el.get("members", "").split(",") if m),
             keep=int(el.get("keep", "24")),
             keep_hourly=int(el.get("keep-hourly", "0")),
             keep_daily=int(el.get("keep-daily", "0")),
