@@ -42,6 +42,12 @@ verbs:
   status                  RPO state of every protected group (ok, at-risk, violated, paused, error)
   history GROUP           recent cycles and alerts of a group
   hooks install|uninstall|status   the libvirt qemu hook that tells the agent about starts/stops
+  failover GROUP|DOMAIN --target T   define and start a point's domains on new overlays (replica host)
+  test-failover GROUP --target T     the same as NAME-test on an isolated network, beside live replication
+  test-cleanup GROUP --target T      remove exactly what test failovers created
+  reverse GROUP --target T --to T2   protect failed-over domains back, seeded from the old primary's images
+  failback GROUP --target T --to P   planned return: final point, originals back, protection resumes
+  recovery T              list the recovery runs journaled on a target
   lab build               build the lab guest (kernel, busybox initramfs, workload)
   lab up NAME             define and start a lab domain with N data disks
   lab up --group G --vms V   V lab domains G-0..G-(V-1) whose dependent-write chain spans them (host relay)
@@ -93,6 +99,7 @@ examples:
   virt-cgrep lab check --domain db1
   virt-cgrep lab check /var/lib/libvirt-cgrep/lab/db1/vd?.qcow2
   virt-cgrep lab down db1
+  virt-cgrep test-failover app1 --target /srv/replica && virt-cgrep test-cleanup app1 --target /srv/replica
 """
 
 _EXIT_MEANING = {
@@ -128,7 +135,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import agent, engine, hooks, lab, replica
+    from libvirt_cgrep.cli import agent, engine, hooks, lab, recovery, replica
 
     p = _Parser(
         prog=PROG,
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     replica.register(sub)
     agent.register(sub)
     hooks.register(sub)
+    recovery.register(sub)
     lab.register(sub)
     return p
 

@@ -287,6 +287,7 @@ STATUS_COLUMNS = [
     ("last_bytes", "BYTES"),
     ("next_in", "NEXT"),
     ("failures", "FAILS"),
+    ("recovery", "RECOVERY"),
     ("last_error", "LAST ERROR"),
 ]
 
@@ -316,6 +317,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "failures": g.failures,
                 "last_error": g.last_error,
                 "agent_seen": round(now - g.updated, 1),
+                "recovery": _recovery_state(g.target, g.name),
             }
         )
     db.close()
@@ -342,6 +344,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows and max(r["agent_seen"] for r in rows) > 30:
         print("note: the agent has not updated this state for a while: is 'virt-cgrep agent' running?")
     return EXIT_OK
+
+
+def _recovery_state(target: str | None, group: str) -> str | None:
+    """``failed-over``/``test-failover`` (with the run) when the group's local target journals an unfinished run."""
+    if not target or not target.startswith("/"):
+        return None
+    from libvirt_cgrep.core.names import validate_name
+    from libvirt_cgrep.recovery.failover import journals
+
+    try:
+        runs = [j for j in journals(Path(target), validate_name(group, "group name")) if j.state != "done"]
+    except Exception:
+        return None
+    words = {"failover": "failed-over", "test-failover": "test-failover", "failback": "failed-back"}
+    return ", ".join(f"{words.get(j.kind, j.kind)} ({j.run})" for j in runs) or None
 
 
 def fmt(t: float) -> str:

@@ -139,7 +139,8 @@ class _Session:
             self.set_name = msg["set"]
             parent = self.store.point(msg["set"], msg["parent"]) if msg.get("parent") else None
             disks = [(str(d), str(t), int(s), bool(f)) for d, t, s, f in msg["disks"]]
-            self.staged = self.store.stage(msg["set"], msg["point_id"], parent, disks)
+            seeds = {(str(d), str(t)): _seed_path(p) for d, t, p in msg.get("seed", ())}
+            self.staged = self.store.stage(msg["set"], msg["point_id"], parent, disks, seeds)
             # one qemu-nbd per image, started side by side; each registered for closing as soon as it runs
             with ThreadPoolExecutor(max_workers=4) as pool:
                 started = [pool.submit(_enter, self.store.writer(s)) for s in self.staged]
@@ -167,6 +168,12 @@ class _Session:
             final = self.store.commit(self.set_name, manifest_from_dict(msg["manifest"], committed=False), self.staged, shipped)
             self.staged = []
             return {"ok": True, "manifest": manifest_to_dict(final)}
+        if op == "probe":
+            return {
+                "ok": True,
+                "images": [_probe(str(p)) for p in msg["paths"]],
+                "exists": [_exists(str(p)) for p in msg.get("exists", ())],
+            }
         if op == "abort":
             self.abort()
             return {"ok": True}
@@ -180,6 +187,34 @@ class _Session:
             now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
             return {"ok": True, "deleted": self.store.prune(msg["set"], pol, now)}
         raise UsageError(f"unknown request {op!r}")
+
+
+def _seed_path(path: str) -> Path:
+    p = Path(path)
+    if not p.is_absolute() or not p.is_file():
+        raise StateError(f"seed image {path!r} does not exist on the receiving side")
+    return p
+
+
+def _probe(path: str) -> dict[str, Any]:
+    """What reverse protection needs to know about an old primary's image: exists, size, fold stamp."""
+    from libvirt_cgrep.engine.sync import read_stamp
+
+    p = Path(path)
+    if not p.is_absolute() or not p.is_file():
+        return {"path": path, "exists": False}
+    stamp = read_stamp(path)
+    info = qemu_img.chain(p)[0]
+    return {
+        "path": path,
+        "exists": True,
+        "virtual_size": info.virtual_size,
+        "stamp": None if stamp is None else {"target": stamp.target, "set": stamp.set_name, "point_id": stamp.point_id},
+    }
+
+
+def _exists(path: str) -> bool:
+    return Path(path).is_absolute() and Path(path).exists()
 
 
 _READ_OPS = ("sets", "points", "verify")

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -36,6 +36,7 @@ from libvirt_cgrep.adapters import nbd
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core import recovery
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.retention import PointTime, Policy, prune
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
@@ -152,6 +153,20 @@ class Store:
     def image_path(self, set_name: str, rel: str) -> Path:
         return self.set_dir(set_name) / rel
 
+    def held_points(self, set_name: str) -> tuple[str, ...]:
+        """Points that recovered domains run on (docs/recovery.md): they and older points are never pruned."""
+        rdir = self.set_dir(set_name) / "recovery"
+        journals: list[dict[str, object]] = []
+        for f in sorted(rdir.glob("*.json")) if rdir.is_dir() else ():
+            if not recovery.valid_run_id(f.stem):
+                continue
+            try:
+                d = json.loads(f.read_bytes())
+                journals.append(d if isinstance(d, dict) else {"point_id": "~"})
+            except ValueError:
+                journals.append({"point_id": "~"})  # unreadable: hold everything
+        return recovery.held_points(journals)
+
     # ---------------------------------------------------------------- recovery
     def _recover(self, set_name: str) -> None:
         sdir = self.set_dir(set_name)
@@ -172,9 +187,18 @@ class Store:
 
     # ----------------------------------------------------------------- writing
     def stage(
-        self, set_name: str, point_id: str, parent: mf.Manifest | None, disks: Sequence[tuple[str, str, int, bool]]
+        self,
+        set_name: str,
+        point_id: str,
+        parent: mf.Manifest | None,
+        disks: Sequence[tuple[str, str, int, bool]],
+        seeds: Mapping[tuple[str, str], Path] | None = None,
     ) -> list[StagedDisk]:
-        """Create the empty images of a new point: deltas over ``parent``'s images, or full bases (``full``)."""
+        """Create the empty images of a new point: deltas over ``parent``'s images, or full bases (``full``).
+
+        ``seeds`` (reverse protection): a full base starts as a local copy of that
+        image (the old primary's surviving disk) instead of empty; nothing crosses the link.
+        """
         if not mf.valid_point_id(point_id):
             raise UsageError(f"invalid point id {point_id!r}")
         sdir = self.set_dir(set_name)
@@ -200,6 +224,10 @@ class Store:
                 if backing:
                     argv += ["-F", "qcow2", "-b", backing]
                 staged.append(StagedDisk(domain, target, size, path, final, backing))  # so a failure removes it
+                seed = (seeds or {}).get((domain, target))
+                if seed is not None and backing is None:
+                    run(["qemu-img", "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(seed), str(path)], timeout=3600)
+                    continue
                 creates.append([*argv, str(path), str(size)])
             # one qemu-img process per disk, run side by side (process start-up dominates)
             with ThreadPoolExecutor(max_workers=4) as pool:
@@ -258,7 +286,7 @@ class Store:
         """Delete the points ``core.retention.prune`` selects, merging each into its child."""
         pts = self.points(set_name)
         times = [PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts]
-        doomed = prune(times, now, policy)
+        doomed = recovery.prunable(prune(times, now, policy), self.held_points(set_name))
         for pid in doomed:
             pts = self.points(set_name)
             ids = [m.point_id for m in pts]

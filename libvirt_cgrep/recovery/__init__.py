@@ -1,0 +1,1 @@
+"""Recovery: failover, test failover and cleanup, reverse protection, failback (docs/recovery.md)."""
