@@ -76,7 +76,6 @@ def take_point(
         fence_ms = None if fence == "none" else _hold_and_cut(prepared, done, deadline_ms, clock)
         if fence == "none":
             _cut_all(prepared, done)
-        _confirm_all(prepared, done)
     except BaseException:
         # Only what was prepared and not cut is removed: a guest that was cut keeps its overlay.
         for i, (b, txn) in enumerate(prepared):
@@ -84,9 +83,9 @@ def take_point(
                 with contextlib.suppress(Exception):
                     b.discard(txn)
         raise
-    # outside the hold: every guest's definitions name its new overlays (a cut guest keeps its overlay either way)
-    for b, txn in prepared:
-        b.confirm(txn)
+    # after the hold (guests running): every guest's definitions name its new overlays, checked side by side;
+    # a cut guest keeps its overlay either way
+    _first_error(_each([functools.partial(b.confirm, txn) for b, txn in prepared]))
     cuts = [done[i] for i in sorted(done)]
     total = max(c.cut_ms for c in cuts)
     return PointResult(
@@ -128,15 +127,6 @@ def _cut_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, Gu
     for i, r in enumerate(results):
         if isinstance(r, GuestCut):
             done[i] = r
-    _first_error(results)
-
-
-def _confirm_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, GuestCut]) -> None:
-    """After the hold (guests running): check each cut guest's definitions; a failed check un-records its cut."""
-    results = _each([functools.partial(b.confirm, txn) for b, txn in prepared])
-    for i, r in enumerate(results):
-        if isinstance(r, BaseException):
-            done.pop(i, None)
     _first_error(results)
 
 

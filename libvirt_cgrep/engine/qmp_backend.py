@@ -356,9 +356,6 @@ class QMPBackend:
             return False
         raise StateError(f"{txn.guest}: after an unanswered transaction ({cause}) the disks are on mixed tops: {now}")
 
-    def confirm(self, txn: Transaction) -> None:
-        """Nothing to check: the answered (or re-queried) transaction already decided every top."""
-
     def discard(self, txn: Transaction) -> None:
         """Remove the overlay nodes and files :meth:`prepare` made for ``txn``, unless a disk uses them."""
         self._remove(txn.guest, txn.actions)
