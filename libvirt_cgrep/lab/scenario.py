@@ -161,7 +161,7 @@ def _newest_age(walk: Walk) -> tuple[int, float | None]:
     listing = walk.cli_json("points", str(walk.replica)) if walk.replica.exists() else []
     if not listing:
         return 0, None
-    newest = time.strptime(listing[-1]["time"][:19], "%Y-%m-%dT%H:%M:%S")
+    newest = time.strptime(listing[-1]["time_utc"][:19], "%Y-%m-%dT%H:%M:%S")
     return len(listing), time.time() - calendar.timegm(newest)
 
 
