@@ -322,6 +322,12 @@ def run(walk: Walk) -> None:
 
 def clean(root: Path, uri: str) -> None:
     """Stop and remove everything the walk made: relay, lab group, recovery domains and networks, files."""
+    subprocess.run(
+        [sys.executable, "-m", "libvirt_cgrep", "-c", uri, "lab", "down", "--group", GROUP],
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
     conn = lv.connect(uri)
     try:
         with contextlib.suppress(Exception):
@@ -343,6 +349,8 @@ def clean(root: Path, uri: str) -> None:
     finally:
         conn.close()
     shutil.rmtree(labdom.group_dir(GROUP), ignore_errors=True)
+    for i in range(2):
+        shutil.rmtree(labdom.lab_root() / f"{GROUP}-{i}", ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
 
 
