@@ -33,6 +33,7 @@ verbs:
   points T                list the committed recovery points on a target
   verify T                re-check checksums and chains (--write-order: the lab checker)
   receive PATH            the replica side of a stream (run by sync, locally or over ssh)
+  continuous DOMAIN... --target T --interval 1m   RPO 0: mirrors to a replica-side daemon, points cut there
   protect DOMAIN --target T --rpo 5m   store protection in the domain's metadata
   unprotect DOMAIN        remove it
   agent                   the RPO scheduler (long-running; see 'virt-cgrep agent --help')
@@ -120,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import agent, engine, hooks, lab, replica
+    from libvirt_cgrep.cli import agent, continuous, engine, hooks, lab, replica
 
     p = _Parser(
         prog=PROG,
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine.register(sub)
     replica.register(sub)
+    continuous.register(sub)
     agent.register(sub)
     hooks.register(sub)
     lab.register(sub)

@@ -1,0 +1,296 @@
+"""``virt-cgrep receive --serve PATH``: the replica side of continuous mode, on stdin/stdout.
+
+The session owns the target (its lock, for the whole session) and one
+supervised ``qemu-storage-daemon`` that exports the set's live images over
+NBD (one unix socket, one export per disk). The primary mirrors every disk
+into its export; a cut is ONE transaction across every exported node of the
+set (every domain of a group), over overlays created and added beforehand.
+
+Commit rule (as :mod:`libvirt_cgrep.replica.store`): the frozen images are
+flushed by QEMU inside the transaction (``blockdev-snapshot`` flushes the old
+node), then fsynced, renamed and named by a manifest written last, only when
+the primary confirms (``commit``) that every mirror stayed in sync up to the
+cut. Live images are staging files: if the session ends in any other way
+than a commit, nothing of them survives the next open of the target.
+
+Requests (stream protocol v1): ``start``, ``cut``, ``commit``, ``ping``,
+``prune``, ``points``, ``bye``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
+from libvirt_cgrep.adapters.qsd import StorageDaemon
+from libvirt_cgrep.core import continuous as cc
+from libvirt_cgrep.core.retention import Policy
+from libvirt_cgrep.engine.libvirt_backend import qemu_owner
+from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
+from libvirt_cgrep.replica import protocol as proto
+from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict, point_listing
+from libvirt_cgrep.replica.store import StagedDisk, Store
+
+#: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
+RUN_DIR_ENV = "CGREP_RUN_DIR"
+#: Test-only negative control: cut disk by disk, this many ms apart (never one transaction).
+FAULT_SPLIT_CUT_ENV = "CGREP_FAULT_SPLIT_CUT_MS"
+#: The session ends when the primary is silent this long (it pings every 0.5 s).
+IDLE_S = 30
+
+
+class _Idle(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Idle()
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child: SIGKILL it when this receiver dies (PR_SET_PDEATHSIG), so no daemon outlives us."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class ServeSession:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.daemon: StorageDaemon | None = None
+        self.run_dir: Path | None = None
+        self.set_name: str | None = None
+        self.live: tuple[cc.LiveDisk, ...] = ()
+        self.seq = 0
+        self.pending: cc.ReplicaCut | None = None
+        self.broken: str | None = None
+        self.cut_ids: list[str] = []
+
+    # ---------------------------------------------------------------- start
+    def start(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.daemon is not None:
+            raise StateError("this session already serves a set")
+        set_name = str(msg["set"])
+        sdir = self.store.set_dir(set_name)
+        disks = [(str(d), str(t), int(s)) for d, t, s in msg["disks"]]
+        if not disks:
+            raise UsageError("continuous mode needs at least one disk")
+        (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
+        pts = self.store.points(set_name)
+        newest = pts[-1] if pts else None
+        self.seq = 1
+        live = cc.first_live(disks, self.seq)
+        base = os.environ.get(RUN_DIR_ENV) or tempfile.gettempdir()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="cgrep-serve-", dir=base))
+        os.chmod(self.run_dir, 0o711)  # QEMU's user must reach the NBD socket (the socket itself is 0660, its own)
+        self.set_name = set_name
+        made: list[Path] = []
+        try:
+            self.daemon = StorageDaemon(self.run_dir, preexec=_die_with_parent)
+            self.daemon.start_nbd(qemu_owner())
+            for d in live:
+                path = sdir / d.image
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path.unlink(missing_ok=True)
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+                if d.backing:
+                    argv += ["-F", "qcow2", "-b", d.backing]
+                run([*argv, str(path), str(d.size)], timeout=60)
+                made.append(path)
+                self.daemon.add_image(d.node, str(path))
+                self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=bool(msg.get("writethrough")))
+        except BaseException:
+            self._teardown()
+            for p in made:
+                p.unlink(missing_ok=True)
+            raise
+        self.live = live
+        return {
+            "ok": True,
+            "socket": self.daemon.nbd_path,
+            "pid": self.daemon.pid,
+            "exports": [[d.domain, d.target, cc.export_name(d.domain, d.target)] for d in live],
+            "parent": newest.point_id if newest else None,
+        }
+
+    # ------------------------------------------------------------------ cut
+    def _require(self) -> tuple[StorageDaemon, str]:
+        if self.broken:
+            raise StateError(f"the session is broken: {self.broken}")
+        if self.daemon is None or self.set_name is None:
+            raise StateError("no set is served (start first)")
+        if not self.daemon.alive():
+            self.broken = "the storage daemon died"
+            raise StateError("the storage daemon died")
+        return self.daemon, self.set_name
+
+    def cut(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Prepare overlays, then ONE transaction; the frozen images wait for ``commit``."""
+        daemon, set_name = self._require()
+        if self.pending is not None:
+            raise StateError("a cut is waiting for its commit")
+        sdir = self.store.set_dir(set_name)
+        plan = cc.plan_cut(str(msg["point_id"]), self.live, self.seq + 1)
+        if any((sdir / s.final).exists() for s in plan.steps):
+            raise StateError(f"point {plan.point_id} already exists")
+        t0 = time.monotonic()
+        added: list[cc.LiveDisk] = []
+        try:
+            for s in plan.steps:
+                path = sdir / s.new.image
+                path.unlink(missing_ok=True)
+                run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(s.new.backing), str(path), str(s.new.size)], timeout=60)
+                added.append(s.new)
+                daemon.add_image(s.new.node, str(path), backing_null=True)
+            prepare_ms = (time.monotonic() - t0) * 1000.0
+            split = float(os.environ.get(FAULT_SPLIT_CUT_ENV, "0") or 0)
+            if split:
+                cut_ms = 0.0
+                for pair in plan.pairs():
+                    cut_ms += daemon.snapshot([pair])
+                    time.sleep(split / 1000.0)
+            else:
+                cut_ms = daemon.snapshot(plan.pairs())
+        except QMPOutcomeUnknown as exc:
+            self.broken = f"the cut's outcome is unknown: {exc}"
+            raise
+        except BaseException:
+            for n in added:
+                daemon.del_image(n.node)
+                (sdir / n.image).unlink(missing_ok=True)
+            raise
+        self.pending = plan
+        self.seq = plan.seq
+        self.live = tuple(s.new for s in plan.steps)
+        return {"ok": True, "point_id": plan.point_id, "prepare_ms": round(prepare_ms, 3), "cut_ms": round(cut_ms, 3)}
+
+    def commit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Make the pending cut a point (fsync, rename, manifest last); ``abort`` ends the session instead."""
+        _, set_name = self._require()
+        plan = self.pending
+        if plan is None:
+            raise StateError("commit without a cut")
+        sdir = self.store.set_dir(set_name)
+        draft = manifest_from_dict(msg["manifest"], committed=False)
+        if draft.point_id != plan.point_id:
+            raise UsageError(f"commit names point {draft.point_id}, the cut was {plan.point_id}")
+        t0 = time.monotonic()
+        staged = [
+            StagedDisk(s.old.domain, s.old.target, s.old.size, sdir / s.old.image, sdir / s.final, s.old.backing)
+            for s in plan.steps
+        ]
+        shipped = {(s.domain, s.target): os.stat(s.path).st_blocks * 512 for s in staged}
+        try:
+            final = self.store.commit(set_name, draft, staged, shipped)
+        except BaseException as exc:
+            self.broken = f"commit failed: {exc}"
+            raise
+        self.pending = None
+        self.cut_ids.append(plan.point_id)
+        return {"ok": True, "manifest": manifest_to_dict(final), "commit_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+
+    def ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+        daemon, _ = self._require()
+        return {"ok": True, "ms": round(daemon.ping(float(msg.get("timeout", 2.0))), 3)}
+
+    def prune(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Retention while serving: points this session cut stay (the daemon reads them); older ones are merged."""
+        _, set_name = self._require()
+        pol = Policy(**msg["policy"])
+        now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
+        return {"ok": True, "deleted": self.store.prune(set_name, pol, now, protect=frozenset(self.cut_ids))}
+
+    # --------------------------------------------------------------- teardown
+    def _teardown(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def close(self) -> None:
+        """Stop the daemon and discard every live (uncommitted) image."""
+        self._teardown()
+        if self.set_name is not None:
+            sdir = self.store.set_dir(self.set_name)
+            for d in self.live:
+                (sdir / d.image).unlink(missing_ok=True)
+            if self.pending is not None:
+                for s in self.pending.steps:
+                    (sdir / s.old.image).unlink(missing_ok=True)
+            self.live = ()
+            self.pending = None
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "start":
+            return self.start(msg)
+        if op == "cut":
+            return self.cut(msg)
+        if op == "commit":
+            return self.commit(msg)
+        if op == "ping":
+            return self.ping(msg)
+        if op == "prune":
+            return self.prune(msg)
+        if op == "points":
+            pts = self.store.points(msg["set"])
+            return {
+                "ok": True,
+                "points": [manifest_to_dict(m) for m in pts],
+                "listing": [point_listing(self.store, m) for m in pts],
+            }
+        raise UsageError(f"unknown request {op!r}")
+
+
+def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
+    """Run one continuous session; 0 on a clean end (``bye``), 1 after a reported failure."""
+    proto.write_header(out)
+    proto.read_header(inp)
+    try:
+        store = Store.open(root)
+    except CgrepError as exc:
+        proto.send(out, proto.error_reply(exc))
+        out.flush()
+        return 1
+    session = ServeSession(store)
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "serve": True})
+        out.flush()
+        signal.signal(signal.SIGALRM, _on_alarm)
+        while True:
+            signal.alarm(IDLE_S)
+            try:
+                got = proto.recv(inp)
+            except _Idle:
+                return 1
+            finally:
+                signal.alarm(0)
+            if got is None or got[0].get("op") == "bye":
+                return 0
+            try:
+                reply = session.handle(got[0])
+            except CgrepError as exc:
+                reply = proto.error_reply(exc)
+            except Exception as exc:  # a bug: report it, end the session (live images discarded)
+                proto.send(out, proto.error_reply(InternalError(f"{type(exc).__name__}: {exc}")))
+                out.flush()
+                return 1
+            proto.send(out, reply)
+            out.flush()
+    except (KeyboardInterrupt, OSError, proto.StreamError, QMPError):
+        return 1
+    finally:
+        session.close()
+        store.close()
