@@ -43,7 +43,7 @@ from libvirt_cgrep.core.plan import select_disks
 from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.continuous.mirror import Mirrors
 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, qemu_owner
-from libvirt_cgrep.errors import CgrepError, StateError, UnavailableError, UsageError
+from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UnavailableError, UsageError
 from libvirt_cgrep.replica.link import Link, Target, ssh_argv
 from libvirt_cgrep.replica.receiver import manifest_to_dict
 
@@ -179,7 +179,16 @@ class Session:
         else:
             socket = self._forward(socket)
         exports = {(d, t): e for d, t, e in reply["exports"]}
-        self.emit({"event": "syncing", "set": self.set_name, "disks": len(disks), "writethrough": self.opts.writethrough})
+        self.emit(
+            {
+                "event": "syncing",
+                "set": self.set_name,
+                "disks": len(disks),
+                "writethrough": self.opts.writethrough,
+                "daemon_pid": int(reply["pid"]),  # on the replica host
+                "forwarder_pid": self.forwarder.pid if self.forwarder else None,
+            }
+        )
         t0 = time.monotonic()
         for b in self.backends:
             m = Mirrors(self.conn, b.dom, per_dom[b.name], self._on_change)
@@ -277,7 +286,9 @@ class Session:
                 raise
         except CgrepError as exc:
             self.emit({"event": "degraded", "set": self.set_name, "reason": str(exc), "states": self._states()[0], "points": self.points})
-            raise
+            if isinstance(exc, UsageError | StateError | NotFoundError):
+                raise
+            raise StateError(f"continuous mode degraded: {exc}") from exc
         finally:
             self.close()
 
