@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,3 +198,58 @@ def test_replica_hung(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Pa
     assert no_jobs(conn, vm.name)
     res = verify(target)
     assert len(res) >= 2 and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+
+
+def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
+    """protect --mode continuous: the agent mirrors and takes points; a killed replica alerts within 1 s, snapshot
+    cycles take over, continuous mode comes back by itself; status shows mode and mirror state."""
+    from tests.test_agent import alerts, status, stop_agent
+
+    vm = lab_vm(disks=2, tag="contag")
+    d = tmp_path / "agent"
+    d.mkdir()
+    run_dir = Path(tempfile.mkdtemp(prefix="cgt-run-"))  # QEMU's user must traverse it (pytest's tmp dirs are 0700)
+    run_dir.chmod(0o711)
+    (d / "agent.toml").write_text(
+        f'uri = "{URI}"\nconcurrency = 2\nmargin = 1.0\ntick = 0.1\nstate_dir = "{d}"\nspool = "{d / "spool"}"\n'
+        f'alerts_file = "{d / "alerts.jsonl"}"\n'
+    )
+    target = str(tmp_path / "replica")
+    cli("protect", vm.name, "--target", target, "--rpo", "20s", "--mode", "continuous", "--interval", "2s", "--keep", "50")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "libvirt_cgrep", "agent", "--config", str(d / "agent.toml"), "--only", vm.name],
+        stdout=subprocess.DEVNULL,
+        stderr=open(d / "agent.log", "ab"),  # noqa: SIM115
+        env={**os.environ, "CGREP_RUN_DIR": str(run_dir), "CGREP_CONTINUOUS_RETRY_S": "10"},
+    )
+    try:
+        end = time.monotonic() + 120
+        while not (status(d) and status(d)[0]["mirror"] == "in-sync" and status(d)[0]["newest_point"]):
+            assert time.monotonic() < end, (d / "agent.log").read_text()[-2000:]
+            time.sleep(0.5)
+        row = status(d)[0]
+        assert row["mode"] == "continuous"
+        qsd = subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, text=True).stdout.split()
+        assert len(qsd) == 1
+        t_kill = time.time()
+        os.kill(int(qsd[0]), signal.SIGKILL)
+        while not any(a["kind"] == "continuous-degraded" for a in alerts(d)):
+            assert time.time() < t_kill + 10, alerts(d)
+            time.sleep(0.05)
+        delay = time.time() - t_kill
+        print(f"agent: continuous-degraded alert {delay:.2f} s after the replica was killed")
+        assert delay < 1.0 + 0.2  # the poll above adds up to 50 ms
+        # snapshot fallback, then continuous again by itself
+        end = time.monotonic() + 120
+        while not any(a["kind"] == "continuous-restored" for a in alerts(d)):
+            assert time.monotonic() < end, (alerts(d), (d / "agent.log").read_text()[-2000:])
+            time.sleep(0.5)
+        hist = json.loads(cli("history", vm.name, "--state-dir", str(d), "--json").stdout)
+        assert any(c["ok"] and (c["bytes"] or 0) > 0 for c in hist["cycles"]), hist  # a snapshot-mode cycle ran meanwhile
+    finally:
+        assert stop_agent(agent) == 0  # type: ignore[arg-type]
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert no_jobs(conn, vm.name)
+    assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True).stdout
+    res = verify(target)
+    assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
