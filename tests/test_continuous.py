@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import libvirt
-import pytest
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.engine.libvirt_backend import disks_of
@@ -22,7 +21,9 @@ from libvirt_cgrep.lab import domain as labdom
 from tests.conftest import SSHD, URI, LabFactory, wait_progress
 
 
-def cli(*args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
         [sys.executable, "-m", "libvirt_cgrep", "-c", URI, *args],
         capture_output=True,
@@ -80,7 +81,18 @@ def test_negative_control_split_cut_shows_holes(conn: libvirt.virConnect, lab_vm
     vm = lab_vm(disks=4, tag="contneg")
     wait_progress(vm.directory / "console.log", records=10)
     target = str(tmp_path / "replica")
-    cli("continuous", vm.name, "--target", target, "--interval", "1s", "--count", "5", "--json", env={"CGREP_FAULT_SPLIT_CUT_MS": "50"})
+    cli(
+        "continuous",
+        vm.name,
+        "--target",
+        target,
+        "--interval",
+        "1s",
+        "--count",
+        "5",
+        "--json",
+        env={"CGREP_FAULT_SPLIT_CUT_MS": "50"},
+    )
     res = verify(target)
     assert len(res) == 5
     broken = [r for r in res if not r["write_order"]["consistent"]]  # type: ignore[index]
@@ -108,7 +120,8 @@ class Runner:
             assert time.monotonic() < end, f"no {kind} event: {self.events}"
             line = self.proc.stdout.readline()
             if not line:
-                raise AssertionError(f"continuous ended (exit {self.proc.wait()}) before {kind}: {self.events} {self.proc.stderr.read() if self.proc.stderr else ''}")
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"continuous ended (exit {self.proc.wait()}) before {kind}: {self.events} {err}")
             ev = json.loads(line)
             ev["t"] = time.monotonic()
             self.events.append(ev)
@@ -229,7 +242,9 @@ def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_v
             time.sleep(0.5)
         row = status(d)[0]
         assert row["mode"] == "continuous"
-        qsd = subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, text=True).stdout.split()
+        qsd = subprocess.run(
+            ["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, text=True, check=False
+        ).stdout.split()
         assert len(qsd) == 1
         t_kill = time.time()
         os.kill(int(qsd[0]), signal.SIGKILL)
@@ -250,6 +265,6 @@ def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_v
         assert stop_agent(agent) == 0  # type: ignore[arg-type]
         shutil.rmtree(run_dir, ignore_errors=True)
     assert no_jobs(conn, vm.name)
-    assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True).stdout
+    assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, check=False).stdout
     res = verify(target)
     assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]

@@ -137,13 +137,7 @@ class Continuous:
                 g.child = None
                 g.retry_at = time.monotonic() + self.retry_s
         running = all(s == "running" for s in spec.member_states)
-        if (
-            g.child is None
-            and running
-            and rt.future is None
-            and not self.agent.stopping
-            and time.monotonic() >= g.retry_at
-        ):
+        if g.child is None and running and rt.future is None and not self.agent.stopping and time.monotonic() >= g.retry_at:
             g.child = self._spawn(rt)
             g.mirror = "syncing"
         self._write()
@@ -167,7 +161,15 @@ class Continuous:
             g.last_point, g.last_point_time, g.last_cut_ms = pid, rt.newest_time.timestamp(), float(ev["cut_ms"])
             ts = rt.newest_time.timestamp()
             self.agent.db.add_cycle(
-                rt.spec.name, started=ts, ended=time.time(), ok=True, point_id=pid, nbytes=0, changed=None, hold_ms=0.0, error=None
+                rt.spec.name,
+                started=ts,
+                ended=time.time(),
+                ok=True,
+                point_id=pid,
+                nbytes=0,
+                changed=None,
+                hold_ms=0.0,
+                error=None,
             )
         elif kind in ("degraded", "exit") and g.mirror != "degraded":
             reason = str(ev.get("reason") or (ev.get("stderr") or [""])[0] or f"exit {ev.get('code')}")
@@ -175,7 +177,9 @@ class Continuous:
             rt.last_error = f"continuous: {reason}"
             if not g.degraded:
                 g.degraded = True
-                self._alert(rt, "continuous-degraded", f"{reason}; falling back to snapshot mode, retrying in {self.retry_s:.0f} s", now)
+                self._alert(
+                    rt, "continuous-degraded", f"{reason}; falling back to snapshot mode, retrying in {self.retry_s:.0f} s", now
+                )
 
     def stop(self) -> None:
         """Stop every child (SIGTERM: it aborts its mirrors and ends its replica session)."""
@@ -212,14 +216,18 @@ class Continuous:
 
     def metrics(self, registry: Any) -> None:
         """Prometheus: mirror state (1 for the current one) and seconds since the last continuous point."""
-        import prometheus_client as pc
+        from prometheus_client.core import GaugeMetricFamily
 
         agent = self
 
         class Collector:
             def collect(self) -> Any:
-                st = pc.core.GaugeMetricFamily("cgrep_continuous_mirror_state", "Mirror state of continuous mode", labels=["group", "state"])
-                age = pc.core.GaugeMetricFamily("cgrep_continuous_point_age_seconds", "Seconds since the last continuous point", labels=["group"])
+                st = GaugeMetricFamily(
+                    "cgrep_continuous_mirror_state", "Mirror state of continuous mode", labels=["group", "state"]
+                )
+                age = GaugeMetricFamily(
+                    "cgrep_continuous_point_age_seconds", "Seconds since the last continuous point", labels=["group"]
+                )
                 now = datetime.now(UTC).timestamp()
                 for name, g in agent.groups.items():
                     for s in ("syncing", "in-sync", "degraded"):

@@ -44,10 +44,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
-    p.add_argument("--rpo", help="recovery point objective: 30s, 5m, 1h, 1d (continuous mode: of its snapshot fallback, default 5m)")
+    p.add_argument(
+        "--rpo", help="recovery point objective: 30s, 5m, 1h, 1d (continuous mode: of its snapshot fallback, default 5m)"
+    )
     p.add_argument("--mode", choices=prot.MODES, default="snapshot", help="snapshot (default) or continuous (mirrors, RPO 0)")
     p.add_argument("--interval", default="1m", metavar="DUR", help="continuous mode: time between points (default 1m)")
-    p.add_argument("--replica-timeout", default="5s", metavar="DUR", help="continuous mode: longest guest write wait (default 5s)")
+    p.add_argument(
+        "--replica-timeout", default="5s", metavar="DUR", help="continuous mode: longest guest write wait (default 5s)"
+    )
     p.add_argument("--group", metavar="NAME", help="consistency group (default: the domain alone)")
     p.add_argument("--keep", default="24", metavar="N", help="keep the newest N points (default 24)")
     p.add_argument("--keep-hourly", default="0", metavar="N")
@@ -124,7 +128,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
         flags,
     )
     mode = f", continuous (a point every {rpo.format_duration(p.interval)})" if p.mode == "continuous" else ""
-    print(f"{name} protected: target {p.target}, RPO {rpo.format_duration(p.rpo)}{mode}" + (f", group {p.group}" if p.group else ""))
+    print(
+        f"{name} protected: target {p.target}, RPO {rpo.format_duration(p.rpo)}{mode}" + (f", group {p.group}" if p.group else "")
+    )
     return EXIT_OK
 
 

@@ -48,8 +48,12 @@ def register(sub: Any) -> None:
     c.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the domain's name)")
     c.add_argument("--interval", default="1m", metavar="DUR", help="time between recovery points (default 1m)")
     c.add_argument("--count", metavar="N", help="stop after N points (default: run until stopped)")
-    c.add_argument("--replica-timeout", default="5s", metavar="DUR", help="longest a guest write may wait for the replica (default 5s)")
-    c.add_argument("--writethrough", action="store_true", help="write-through export: every mirrored write is flushed on the replica")
+    c.add_argument(
+        "--replica-timeout", default="5s", metavar="DUR", help="longest a guest write may wait for the replica (default 5s)"
+    )
+    c.add_argument(
+        "--writethrough", action="store_true", help="write-through export: every mirrored write is flushed on the replica"
+    )
     c.add_argument("--keep", metavar="N", help="keep the newest N points (older ones are merged away)")
     c.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     c.set_defaults(func=cmd_continuous)
@@ -86,7 +90,7 @@ def cmd_continuous(args: argparse.Namespace) -> int:
     uri = args.connect or lv.default_uri()
     conn = lv.connect(uri)
     try:
-        Session(conn, uri, args.domains, target, args.set, opts, emit).run(stop)
+        Session(conn, uri, args.domains, target, set_name=args.set, opts=opts, emit=emit).run(stop)
     finally:
         conn.close()
     return EXIT_OK

@@ -70,7 +70,7 @@ class Mirrors:
         self.conn = conn
         self.dom = dom
         self.name = dom.name()
-        self.states: dict[str, str] = {t: "starting" for t in targets}
+        self.states: dict[str, str] = dict.fromkeys(targets, "starting")
         self.failures = 0
         self.lock = threading.Lock()
         self.on_change = on_change
@@ -92,7 +92,7 @@ class Mirrors:
         if prev != state:
             self.on_change(self.name, target, state)
 
-    def _job_event(self, conn: object, dom: object, disk: str, kind: int, status: int, opaque: object) -> None:
+    def _job_event(self, conn: object, dom: object, disk: str, kind: int, status: int, opaque: object) -> None:  # noqa: PLR0917 - libvirt's callback
         if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
             self._set(disk, _STATUS.get(status, "syncing"))
 
@@ -107,7 +107,14 @@ class Mirrors:
         try:
             for target in self.states:
                 self._set(target, "syncing")
-                lv.call(f"{self.name}/{target}: block copy", self.dom.blockCopy, target, nbd_disk_xml(socket, exports[target]), None, COPY_FLAGS)
+                lv.call(
+                    f"{self.name}/{target}: block copy",
+                    self.dom.blockCopy,
+                    target,
+                    nbd_disk_xml(socket, exports[target]),
+                    None,
+                    COPY_FLAGS,
+                )
                 started.append(target)
         except BaseException:
             self.abort()

@@ -35,13 +35,13 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.continuous.mirror import Mirrors
 from libvirt_cgrep.core import continuous as cc
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.plan import point_id as make_point_id
 from libvirt_cgrep.core.plan import select_disks
 from libvirt_cgrep.core.retention import Policy
-from libvirt_cgrep.continuous.mirror import Mirrors
 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, qemu_owner
 from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UnavailableError, UsageError
 from libvirt_cgrep.replica.link import Link, Target, ssh_argv
@@ -69,7 +69,17 @@ class _Broken(Exception):
 
 
 class Session:
-    def __init__(self, conn: libvirt.virConnect, uri: str, names: Sequence[str], target: Target, set_name: str | None, opts: Options, emit: Emit) -> None:
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        uri: str,
+        names: Sequence[str],
+        target: Target,
+        *,
+        set_name: str | None,
+        opts: Options,
+        emit: Emit,
+    ) -> None:
         if not names:
             raise UsageError("name at least one domain")
         if len(names) > 1 and not set_name:
@@ -151,8 +161,14 @@ class Session:
         end = time.monotonic() + 15.0
         while not os.path.exists(local):
             if self.forwarder.poll() is not None or time.monotonic() > end:
-                err = self.forwarder.stderr.read().decode(errors="replace").strip() if self.forwarder.poll() is not None and self.forwarder.stderr else ""
-                raise UnavailableError(f"the ssh forwarding to {self.target} did not start: {err.splitlines()[-1] if err else 'timeout'}")
+                err = (
+                    self.forwarder.stderr.read().decode(errors="replace").strip()
+                    if self.forwarder.poll() is not None and self.forwarder.stderr
+                    else ""
+                )
+                raise UnavailableError(
+                    f"the ssh forwarding to {self.target} did not start: {err.splitlines()[-1] if err else 'timeout'}"
+                )
             time.sleep(0.02)
         owner = qemu_owner()
         if owner is not None:
@@ -172,7 +188,9 @@ class Session:
                 disks.append((b.name, d.target, size))
                 per_dom.setdefault(b.name, []).append(d.target)
         self.link = Link(self.target, serve=True)
-        reply = self._request({"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}, LONG_S)
+        reply = self._request(
+            {"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}, LONG_S
+        )
         socket = str(reply["socket"])
         if self.target.host is None:
             self.daemon_pid = int(reply["pid"])
@@ -285,7 +303,15 @@ class Session:
                     raise StateError(self.broke) from exc
                 raise
         except CgrepError as exc:
-            self.emit({"event": "degraded", "set": self.set_name, "reason": str(exc), "states": self._states()[0], "points": self.points})
+            self.emit(
+                {
+                    "event": "degraded",
+                    "set": self.set_name,
+                    "reason": str(exc),
+                    "states": self._states()[0],
+                    "points": self.points,
+                }
+            )
             if isinstance(exc, UsageError | StateError | NotFoundError):
                 raise
             raise StateError(f"continuous mode degraded: {exc}") from exc

@@ -148,7 +148,23 @@ class ServeSession:
             for s in plan.steps:
                 path = sdir / s.new.image
                 path.unlink(missing_ok=True)
-                run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(s.new.backing), str(path), str(s.new.size)], timeout=60)
+                run(
+                    [
+                        "qemu-img",
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-u",
+                        "-F",
+                        "qcow2",
+                        "-b",
+                        str(s.new.backing),
+                        str(path),
+                        str(s.new.size),
+                    ],
+                    timeout=60,
+                )
                 added.append(s.new)
                 daemon.add_image(s.new.node, str(path), backing_null=True)
             prepare_ms = (time.monotonic() - t0) * 1000.0
