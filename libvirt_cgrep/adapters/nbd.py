@@ -113,6 +113,10 @@ class NBDClient:
         self._request(_CMD_FLUSH, 0, 0)
         self.wait()
 
+    def start_flush(self) -> None:
+        """Send a flush without waiting for it (collect it with :meth:`wait`): flush several exports at once."""
+        self._request(_CMD_FLUSH, 0, 0)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.wait()

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from libvirt_cgrep.adapters import nbd
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
 from libvirt_cgrep.adapters.qsd import StorageDaemon
@@ -74,6 +75,7 @@ class ServeSession:
         self.pending: cc.ReplicaCut | None = None
         self.broken: str | None = None
         self.cut_ids: list[str] = []
+        self.flushers: list[nbd.NBDClient] = []
 
     # ---------------------------------------------------------------- start
     def start(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +110,8 @@ class ServeSession:
                 made.append(path)
                 self.daemon.add_image(d.node, str(path))
                 self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=bool(msg.get("writethrough")))
+            # One NBD client per export, to flush them before each cut (outside the transaction's drain).
+            self.flushers = [nbd.NBDClient(self.daemon.nbd_path, cc.export_name(d.domain, d.target)) for d in live]
         except BaseException:
             self._teardown()
             for p in made:
@@ -168,6 +172,14 @@ class ServeSession:
                 added.append(s.new)
                 daemon.add_image(s.new.node, str(path), backing_null=True)
             prepare_ms = (time.monotonic() - t0) * 1000.0
+            # Write back what the exports cached now, so the flush QEMU does inside the transaction
+            # (blockdev-snapshot flushes the old node, guest I/O drained) finds little left to write.
+            t1 = time.monotonic()
+            for c in self.flushers:
+                c.start_flush()
+            for c in self.flushers:
+                c.wait()
+            preflush_ms = (time.monotonic() - t1) * 1000.0
             split = float(os.environ.get(FAULT_SPLIT_CUT_ENV, "0") or 0)
             if split:
                 cut_ms = 0.0
@@ -187,7 +199,13 @@ class ServeSession:
         self.pending = plan
         self.seq = plan.seq
         self.live = tuple(s.new for s in plan.steps)
-        return {"ok": True, "point_id": plan.point_id, "prepare_ms": round(prepare_ms, 3), "cut_ms": round(cut_ms, 3)}
+        return {
+            "ok": True,
+            "point_id": plan.point_id,
+            "prepare_ms": round(prepare_ms, 3),
+            "preflush_ms": round(preflush_ms, 3),
+            "cut_ms": round(cut_ms, 3),
+        }
 
     def commit(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Make the pending cut a point (fsync, rename, manifest last); ``abort`` ends the session instead."""
@@ -227,6 +245,10 @@ class ServeSession:
 
     # --------------------------------------------------------------- teardown
     def _teardown(self) -> None:
+        for c in self.flushers:
+            with contextlib.suppress(Exception):
+                c.sock.close()
+        self.flushers = []
         if self.daemon is not None:
             self.daemon.stop()
             self.daemon = None
