@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for label, wt in (("continuous write-back", False), ("continuous write-through", True)):
             with tempfile.TemporaryDirectory(prefix="bcont-") as d:
                 target = parse_target(str(Path(d) / "replica"))
-                s = Session(conn, lv.default_uri(), [vm.name], target, set_name=None, opts=Options(writethrough=wt), emit=lambda e: None)
+                opts = Options(writethrough=wt)
+                s = Session(conn, lv.default_uri(), [vm.name], target, set_name=None, opts=opts, emit=lambda e: None)
                 try:
                     s.start()
                     res: dict[str, Any] = dict(steady(log, args.seconds))
@@ -90,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["phases"] = phases
     report["load_after"] = os.getloadavg()
     base = report["phases"]["unprotected"]
-    print(f"continuous mode, 1 VM x {args.disks} disks, loopback, TCG; load {report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}")
-    print(f"{'phase':28} {'rec/s':>8} {'x':>6} {'p50 ms':>7} {'p99 ms':>7} {'x':>6} {'max ms':>7} {'cut extra max ms':>17} {'replica cut ms':>15}")
+    load = f"load {report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}"
+    print(f"continuous mode, 1 VM x {args.disks} disks, loopback, TCG; {load}")
+    head = f"{'rec/s':>8} {'x':>6} {'p50 ms':>7} {'p99 ms':>7} {'x':>6} {'max ms':>7}"
+    print(f"{'phase':28} {head} {'cut extra max ms':>17} {'replica cut ms':>15}")
     for name, r in report["phases"].items():
         print(
             f"{name:28} {fmt(r['records_s']):>8} {fmt(ratio(r['records_s'], base['records_s']), 2):>6} {fmt(r['p50_ms'], 2):>7} "
