@@ -268,3 +268,23 @@ def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_v
     assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, check=False).stdout
     res = verify(target)
     assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+
+
+def test_retention_merges_in_the_daemon(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
+    """--keep 3 while serving: this session's points merge in the daemon (block-commit, exports live); a snapshot-mode
+    point from before is merged as usual; every kept point stays consistent and checksummed."""
+    vm = lab_vm(disks=2, tag="contkeep")
+    target = str(tmp_path / "replica")
+    cli("sync", vm.name, "--target", target)  # an older, snapshot-mode point
+    out = cli("continuous", vm.name, "--target", target, "--interval", "1s", "--count", "7", "--keep", "3", "--json")
+    pts = [e for e in events(out.stdout) if e["event"] == "point"]
+    assert sum(len(e["pruned"]) for e in pts) == 5  # type: ignore[arg-type]
+    res = verify(target)
+    assert [r["point_id"] for r in res] == [e["point_id"] for e in pts[-3:]]
+    assert all(r["ok"] and r["write_order"]["consistent"] for r in res), res  # type: ignore[index]
+    first = json.loads(cli("points", target, "--json").stdout)[0]
+    info = json.loads(
+        subprocess.run(["qemu-img", "info", "--output=json", first["disks"][0]["image"]], capture_output=True, check=True).stdout
+    )
+    assert "backing-filename" not in info  # the oldest kept point became a base
+    assert not list(Path(target).glob("*/prune-*")) and not list(Path(target).glob("*/disks/*/*/.staging-*"))

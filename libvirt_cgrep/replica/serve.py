@@ -21,26 +21,30 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from libvirt_cgrep.adapters import nbd
+from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
 from libvirt_cgrep.adapters.qsd import StorageDaemon
 from libvirt_cgrep.core import continuous as cc
-from libvirt_cgrep.core.retention import Policy
+from libvirt_cgrep.core.retention import Policy, PointTime
+from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
 from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
 from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict, point_listing
-from libvirt_cgrep.replica.store import StagedDisk, Store
+from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_file
 
 #: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
 RUN_DIR_ENV = "CGREP_RUN_DIR"
@@ -74,8 +78,9 @@ class ServeSession:
         self.seq = 0
         self.pending: cc.ReplicaCut | None = None
         self.broken: str | None = None
-        self.cut_ids: list[str] = []
         self.flushers: list[nbd.NBDClient] = []
+        #: the daemon's node of every disk of every point this session cut: {point id: {(domain, target): node}}
+        self.nodes: dict[str, dict[tuple[str, str], str]] = {}
 
     # ---------------------------------------------------------------- start
     def start(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +234,7 @@ class ServeSession:
             self.broken = f"commit failed: {exc}"
             raise
         self.pending = None
-        self.cut_ids.append(plan.point_id)
+        self.nodes[plan.point_id] = {(st.old.domain, st.old.target): st.old.node for st in plan.steps}
         return {"ok": True, "manifest": manifest_to_dict(final), "commit_ms": round((time.monotonic() - t0) * 1000.0, 3)}
 
     def ping(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -237,11 +242,75 @@ class ServeSession:
         return {"ok": True, "ms": round(daemon.ping(float(msg.get("timeout", 2.0))), 3)}
 
     def prune(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Retention while serving: points this session cut stay (the daemon reads them); older ones are merged."""
+        """Retention while serving: older points merge as in snapshot mode; this session's points merge in the daemon."""
         _, set_name = self._require()
         pol = Policy(**msg["policy"])
         now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
-        return {"ok": True, "deleted": self.store.prune(set_name, pol, now, protect=frozenset(self.cut_ids))}
+        deleted = self.store.prune(set_name, pol, now, protect=frozenset(self.nodes))
+        pts = self.store.points(set_name)
+        doomed = prune_ids([PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts], now, pol)
+        for pid in doomed:
+            if pid in self.nodes:
+                self._merge(set_name, pid)
+                deleted.append(pid)
+        return {"ok": True, "deleted": deleted}
+
+    def _merge(self, set_name: str, x_id: str) -> None:
+        """Merge this session's point X into its child C with ``block-commit`` jobs in the daemon, exports live.
+
+        The same steps and intent file as :meth:`Store.prune` (so a crash is
+        finished by the next open): intent, X's manifest removed, C's clusters
+        committed into X's image (C's view never changes), X's image renamed
+        over C's, C's manifest rewritten; the layer above C keeps its backing
+        name (``C.qcow2``), which now names the merged image.
+        """
+        daemon, _ = self._require()
+        sdir = self.store.set_dir(set_name)
+        pts = self.store.points(set_name)
+        ids = [m.point_id for m in pts]
+        i = ids.index(x_id)
+        if i + 1 >= len(pts):
+            return  # never the newest
+        x, c = pts[i], pts[i + 1]
+        above = pts[i + 2] if i + 2 < len(pts) else None
+        if c.point_id not in self.nodes:
+            return
+        intent = {"point": x_id, "child": c.point_id, "parent": x.parent or ""}
+        ipath = sdir / f"prune-{x_id}.json"
+        save_file(ipath, json.dumps(intent).encode(), 0o600)
+        mpath = sdir / "points" / f"{x_id}.json"
+        mpath.unlink()
+        fsync_dir(mpath.parent)
+        live = {(d.domain, d.target): d.node for d in self.live}
+        for d in c.disks:
+            key = (d.domain, d.target)
+            x_node, c_node = self.nodes[x_id][key], self.nodes[c.point_id][key]
+            daemon.qmp.job(
+                "block-commit",
+                {
+                    "job-id": f"cgrep-merge-{c_node}",
+                    "device": live[key],
+                    "top-node": c_node,
+                    "base-node": x_node,
+                    "backing-file": f"{c.point_id}.qcow2",
+                    "auto-dismiss": False,
+                },
+                timeout=3600.0,
+            )
+            x_img = (sdir / d.image).parent / f"{x_id}.qcow2"
+            os.replace(x_img, sdir / d.image)
+            fsync_dir(x_img.parent)
+            daemon.del_image(c_node)
+            self.nodes[c.point_id][key] = x_node
+        xrec = {(d.domain, d.target): d for d in x.disks}
+        new_disks = [replace(d, backing=xrec[(d.domain, d.target)].backing, sha256=sha256_file(sdir / d.image)) for d in c.disks]
+        save_file(sdir / "points" / f"{c.point_id}.json", replace(c, disks=tuple(new_disks), parent=x.parent).to_json(), 0o600)
+        if above is not None:  # its header was rewritten (same backing name): keep its checksum true
+            new_above = [replace(d, sha256=sha256_file(sdir / d.image)) for d in above.disks]
+            save_file(sdir / "points" / f"{above.point_id}.json", replace(above, disks=tuple(new_above)).to_json(), 0o600)
+        del self.nodes[x_id]
+        ipath.unlink()
+        fsync_dir(sdir)
 
     # --------------------------------------------------------------- teardown
     def _teardown(self) -> None:
