@@ -38,7 +38,7 @@ from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
 from libvirt_cgrep.adapters.qsd import StorageDaemon
 from libvirt_cgrep.core import continuous as cc
-from libvirt_cgrep.core.retention import Policy, PointTime
+from libvirt_cgrep.core.retention import PointTime, Policy
 from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
 from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
