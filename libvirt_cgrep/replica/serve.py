@@ -222,6 +222,8 @@ class ServeSession:
         draft = manifest_from_dict(msg["manifest"], committed=False)
         if draft.point_id != plan.point_id:
             raise UsageError(f"commit names point {draft.point_id}, the cut was {plan.point_id}")
+        pts = self.store.points(set_name)
+        draft = replace(draft, parent=pts[-1].point_id if pts else None)
         t0 = time.monotonic()
         staged = [
             StagedDisk(s.old.domain, s.old.target, s.old.size, sdir / s.old.image, sdir / s.final, s.old.backing)
