@@ -69,6 +69,8 @@ environment:
   CGREP_STATE_DIR         agent state (default /var/lib/libvirt-cgrep)
   CGREP_SSH_CONFIG        ssh_config file for ssh:// targets (ssh -F)
   CGREP_REMOTE_CMD        the receiver command on ssh:// targets (default virt-cgrep)
+  CGREP_RUN_DIR           continuous mode: where NBD sockets live (default the temp dir; QEMU's user must reach it)
+  CGREP_CONTINUOUS_RETRY_S  agent: seconds before a degraded continuous mode is retried (default 30)
 
 files:
   /var/lib/libvirt-cgrep/lab/NAME/     a lab domain's disks and console.log
