@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -39,7 +40,7 @@ def cli(
     return out
 
 
-def events(out: str) -> list[dict[str, object]]:
+def events(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -48,8 +49,8 @@ def no_jobs(conn: libvirt.virConnect, name: str) -> bool:
     return all(not dom.blockJobInfo(d.target, 0) for d in disks_of(lv.live_xml(dom)))
 
 
-def verify(target: str, *point_ids: object) -> list[dict[str, object]]:
-    res: list[dict[str, object]] = json.loads(cli("verify", target, "--write-order", "--json", check=False).stdout)
+def verify(target: str, *point_ids: object) -> list[dict[str, Any]]:
+    res: list[dict[str, Any]] = json.loads(cli("verify", target, "--write-order", "--json", check=False).stdout)
     return [r for r in res if not point_ids or r["point_id"] in point_ids]
 
 
@@ -64,17 +65,17 @@ def test_continuous_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabF
     evs = events(out.stdout)
     pts = [e for e in evs if e["event"] == "point"]
     assert [e["event"] for e in evs[:2]] == ["syncing", "in-sync"] and len(pts) == 12
-    assert sum(len(e["pruned"]) for e in pts) == 2  # type: ignore[arg-type]
+    assert sum(len(e["pruned"]) for e in pts) == 2
     res = verify(target)
     assert [r["point_id"] for r in res] == [e["point_id"] for e in pts[2:]]
-    bad = [r for r in res if not (r["ok"] and r["write_order"]["consistent"])]  # type: ignore[index]
+    bad = [r for r in res if not (r["ok"] and r["write_order"]["consistent"])]
     assert not bad, bad
-    maxes = [int(r["write_order"]["max"]) for r in res]  # type: ignore[index]
+    maxes = [int(r["write_order"]["max"]) for r in res]
     assert maxes == sorted(maxes) and maxes[-1] > maxes[0]  # fresh: every point newer than the one before
     assert [d.chain for d in disks_of(lv.live_xml(lv.lookup(conn, vm.name)))] == chains
     assert no_jobs(conn, vm.name)
     assert labdom.get(conn, vm.name).state == "running"
-    cuts = sorted(float(e["cut_ms"]) for e in pts)  # type: ignore[arg-type]
+    cuts = sorted(float(e["cut_ms"]) for e in pts)
     print(f"continuous 4 disks: 10/10 consistent; replica cut median {cuts[6]:.1f} ms, max {cuts[-1]:.1f} ms")
     # nothing uncommitted stays on the replica
     assert not list(Path(target).glob("*/disks/*/*/.staging-*"))
@@ -102,7 +103,7 @@ def test_negative_control_split_cut_shows_holes(conn: libvirt.virConnect, lab_vm
     )
     res = verify(target)
     assert len(res) == 5
-    broken = [r for r in res if not r["write_order"]["consistent"]]  # type: ignore[index]
+    broken = [r for r in res if not r["write_order"]["consistent"]]
     print(f"negative control (per-disk transactions 50 ms apart): {len(broken)}/5 NOT consistent")
     assert len(broken) >= 3
 
@@ -118,9 +119,9 @@ class Runner:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.events: list[dict[str, object]] = []
+        self.events: list[dict[str, Any]] = []
 
-    def wait_for(self, kind: str, n: int = 1, timeout: float = 120.0) -> dict[str, object]:
+    def wait_for(self, kind: str, n: int = 1, timeout: float = 120.0) -> dict[str, Any]:
         end = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while sum(e["event"] == kind for e in self.events) < n:
@@ -145,6 +146,13 @@ class Runner:
                     f.close()
 
 
+def status(d: Path) -> list[dict[str, Any]]:
+    """The agent's status rows ([] before its state database exists)."""
+    from tests.test_agent import status as agent_status
+
+    return agent_status(d) if (d / "agent.db").exists() else []
+
+
 def assert_guest_writes(vm: labdom.LabDomain, within: float) -> None:
     """The guest goes on acknowledging writes (no I/O error, not blocked past ``within`` seconds)."""
     wait_progress(vm.directory / "console.log", records=5, timeout=within)
@@ -161,16 +169,16 @@ def test_over_ssh_and_link_cut(conn: libvirt.virConnect, lab_vm: LabFactory, tmp
         syncing = r.wait_for("syncing")
         r.wait_for("point", 3)
         t_cut = time.monotonic()
-        os.kill(int(syncing["forwarder_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        os.kill(int(syncing["forwarder_pid"]), signal.SIGKILL)
         degraded = r.wait_for("degraded", timeout=30)
-        assert float(degraded["t"]) - t_cut < 1.0, degraded  # type: ignore[arg-type]
+        assert float(degraded["t"]) - t_cut < 1.0, degraded
         assert r.proc.wait(timeout=60) == 66
     finally:
         r.stop()
     assert_guest_writes(vm, 10)
     assert no_jobs(conn, vm.name)
     res = verify(str(tmp_path / "replica"))
-    assert len(res) >= 3 and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert len(res) >= 3 and all(x["ok"] and x["write_order"]["consistent"] for x in res)
 
 
 @pytest.mark.slow
@@ -183,16 +191,16 @@ def test_replica_killed(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: 
         syncing = r.wait_for("syncing")
         r.wait_for("point", 2)
         t_kill = time.monotonic()
-        os.kill(int(syncing["daemon_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        os.kill(int(syncing["daemon_pid"]), signal.SIGKILL)
         degraded = r.wait_for("degraded", timeout=30)
-        assert float(degraded["t"]) - t_kill < 1.0, degraded  # type: ignore[arg-type]
+        assert float(degraded["t"]) - t_kill < 1.0, degraded
         assert r.proc.wait(timeout=60) == 66
     finally:
         r.stop()
     assert_guest_writes(vm, 10)
     assert no_jobs(conn, vm.name)
     res = verify(target)
-    assert len(res) >= 2 and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert len(res) >= 2 and all(x["ok"] and x["write_order"]["consistent"] for x in res)
     assert not list(Path(target).glob("*/disks/*/*/.staging-*"))
 
 
@@ -204,12 +212,12 @@ def test_replica_hung(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Pa
     r = Runner(vm.name, "--target", target, "--interval", "1s", "--replica-timeout", "2s")
     pid = 0
     try:
-        pid = int(r.wait_for("syncing")["daemon_pid"])  # type: ignore[call-overload]
+        pid = int(r.wait_for("syncing")["daemon_pid"])
         r.wait_for("point", 2)
         t_stop = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         degraded = r.wait_for("degraded", timeout=30)
-        blocked = float(degraded["t"]) - t_stop  # type: ignore[arg-type]
+        blocked = float(degraded["t"]) - t_stop
         print(f"hung replica: link broken {blocked:.2f} s after SIGSTOP (timeout 2 s)")
         assert blocked < 2.5, degraded
         assert r.proc.wait(timeout=60) == 66
@@ -220,13 +228,13 @@ def test_replica_hung(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Pa
     assert_guest_writes(vm, 5)
     assert no_jobs(conn, vm.name)
     res = verify(target)
-    assert len(res) >= 2 and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert len(res) >= 2 and all(x["ok"] and x["write_order"]["consistent"] for x in res)
 
 
 def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
     """protect --mode continuous: the agent mirrors and takes points; a killed replica alerts within 1 s, snapshot
     cycles take over, continuous mode comes back by itself; status shows mode and mirror state."""
-    from tests.test_agent import alerts, status, stop_agent
+    from tests.test_agent import alerts, stop_agent
 
     vm = lab_vm(disks=2, tag="contag")
     d = tmp_path / "agent"
@@ -272,12 +280,12 @@ def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_v
         hist = json.loads(cli("history", vm.name, "--state-dir", str(d), "--json").stdout)
         assert any(c["ok"] and (c["bytes"] or 0) > 0 for c in hist["cycles"]), hist  # a snapshot-mode cycle ran meanwhile
     finally:
-        assert stop_agent(agent) == 0  # type: ignore[arg-type]
+        assert stop_agent(agent) == 0
         shutil.rmtree(run_dir, ignore_errors=True)
     assert no_jobs(conn, vm.name)
     assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, check=False).stdout
     res = verify(target)
-    assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)
 
 
 @pytest.mark.slow
@@ -289,10 +297,10 @@ def test_retention_merges_in_the_daemon(conn: libvirt.virConnect, lab_vm: LabFac
     cli("sync", vm.name, "--target", target)  # an older, snapshot-mode point
     out = cli("continuous", vm.name, "--target", target, "--interval", "1s", "--count", "7", "--keep", "3", "--json")
     pts = [e for e in events(out.stdout) if e["event"] == "point"]
-    assert sum(len(e["pruned"]) for e in pts) == 5  # type: ignore[arg-type]
+    assert sum(len(e["pruned"]) for e in pts) == 5
     res = verify(target)
     assert [r["point_id"] for r in res] == [e["point_id"] for e in pts[-3:]]
-    assert all(r["ok"] and r["write_order"]["consistent"] for r in res), res  # type: ignore[index]
+    assert all(r["ok"] and r["write_order"]["consistent"] for r in res), res
     first = json.loads(cli("points", target, "--json").stdout)[0]
     info = json.loads(
         subprocess.run(["qemu-img", "info", "--output=json", first["disks"][0]["image"]], capture_output=True, check=True).stdout
@@ -310,13 +318,13 @@ def test_over_ssh_replica_hung(conn: libvirt.virConnect, lab_vm: LabFactory, tmp
     pid = 0
     try:
         syncing = r.wait_for("syncing")
-        pid = int(syncing["daemon_pid"])  # type: ignore[call-overload]  # loopback: the far side is this host
+        pid = int(syncing["daemon_pid"])  # loopback: the far side is this host
         assert syncing["forwarder_pid"]
         r.wait_for("point", 3)
         t_stop = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         degraded = r.wait_for("degraded", timeout=30)
-        blocked = float(degraded["t"]) - t_stop  # type: ignore[arg-type]
+        blocked = float(degraded["t"]) - t_stop
         print(f"hung replica over ssh: link broken {blocked:.2f} s after SIGSTOP (timeout 2 s)")
         assert blocked < 2.5, degraded
         assert r.proc.wait(timeout=60) == 66
@@ -327,7 +335,7 @@ def test_over_ssh_replica_hung(conn: libvirt.virConnect, lab_vm: LabFactory, tmp
     assert_guest_writes(vm, 5)
     assert no_jobs(conn, vm.name)
     res = verify(str(tmp_path / "replica"))
-    assert len(res) >= 3 and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert len(res) >= 3 and all(x["ok"] and x["write_order"]["consistent"] for x in res)
 
 
 @pytest.mark.slow
@@ -337,8 +345,8 @@ def test_hundred_points_four_disks(conn: libvirt.virConnect, lab_vm: LabFactory,
     target = str(tmp_path / "replica")
     cli("continuous", vm.name, "--target", target, "--interval", "1s", "--count", "100", "--json", timeout=1800)
     res = verify(target)
-    good = [r for r in res if r["ok"] and r["write_order"]["consistent"]]  # type: ignore[index]
-    maxes = [int(r["write_order"]["max"]) for r in res]  # type: ignore[index]
+    good = [r for r in res if r["ok"] and r["write_order"]["consistent"]]
+    maxes = [int(r["write_order"]["max"]) for r in res]
     fresh = sum(b > a for a, b in itertools.pairwise(maxes)) + 1
     print(f"continuous 4 disks: {len(good)}/{len(res)} consistent, {fresh}/{len(res)} fresh")
     assert len(res) == 100 and len(good) == 100 and fresh == 100
@@ -352,7 +360,7 @@ def test_hundred_points_two_vm_group(lab_group: GroupFactory, tmp_path: Path) ->
     target = str(tmp_path / "replica")
     cli("continuous", a, b, "--set", grp.name, "--target", target, "--interval", "1s", "--count", "100", "--json", timeout=1800)
     res = verify(target)
-    good = [r for r in res if r["ok"] and r["write_order"]["consistent"]]  # type: ignore[index]
+    good = [r for r in res if r["ok"] and r["write_order"]["consistent"]]
     print(f"continuous 2-VM group: {len(good)}/{len(res)} consistent")
     assert len(res) == 100 and len(good) == 100
 
@@ -360,7 +368,7 @@ def test_hundred_points_two_vm_group(lab_group: GroupFactory, tmp_path: Path) ->
 @pytest.mark.slow
 def test_agent_restarts_mirrors_after_domain_restart(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
     """A protected domain destroyed and started again: degraded alert, then continuous mode back by itself."""
-    from tests.test_agent import alerts, status, stop_agent
+    from tests.test_agent import alerts, stop_agent
 
     vm = lab_vm(disks=2, tag="contrst")
     d = tmp_path / "agent"
@@ -395,8 +403,8 @@ def test_agent_restarts_mirrors_after_domain_restart(conn: libvirt.virConnect, l
             assert time.monotonic() < end, (alerts(d), (d / "agent.log").read_text()[-2000:])
             time.sleep(0.5)
     finally:
-        assert stop_agent(agent) == 0  # type: ignore[arg-type]
+        assert stop_agent(agent) == 0
         shutil.rmtree(run_dir, ignore_errors=True)
     assert no_jobs(conn, vm.name)
     res = verify(target)
-    assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)  # type: ignore[index]
+    assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)
