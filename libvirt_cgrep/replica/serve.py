@@ -13,7 +13,7 @@ the primary confirms (``commit``) that every mirror stayed in sync up to the
 cut. Live images are staging files: if the session ends in any other way
 than a commit, nothing of them survives the next open of the target.
 
-Requests (stream protocol v1): ``start``, ``cut``, ``commit``, ``ping``,
+Requests (stream protocol v1): ``start``, ``prepare``, ``cut``, ``commit``, ``ping``,
 ``prune``, ``points``, ``bye``.
 """
 
@@ -77,6 +77,7 @@ class ServeSession:
         self.live: tuple[cc.LiveDisk, ...] = ()
         self.seq = 0
         self.pending: cc.ReplicaCut | None = None
+        self.prepared: cc.ReplicaCut | None = None
         self.broken: str | None = None
         self.flushers: list[nbd.NBDClient] = []
         #: the daemon's node of every disk of every point this session cut: {point id: {(domain, target): node}}
@@ -142,41 +143,48 @@ class ServeSession:
             raise StateError("the storage daemon died")
         return self.daemon, self.set_name
 
-    def cut(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Prepare overlays, then ONE transaction; the frozen images wait for ``commit``."""
-        daemon, set_name = self._require()
+    def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Create the next live overlays' files (``qemu-img``; the daemon is not involved): slow work, before the cut."""
+        _, set_name = self._require()
         if self.pending is not None:
             raise StateError("a cut is waiting for its commit")
         sdir = self.store.set_dir(set_name)
+        self._drop_prepared()
         plan = cc.plan_cut(str(msg["point_id"]), self.live, self.seq + 1)
         if any((sdir / s.final).exists() for s in plan.steps):
             raise StateError(f"point {plan.point_id} already exists")
         t0 = time.monotonic()
+        self.prepared = plan
+        for s in plan.steps:
+            path = sdir / s.new.image
+            path.unlink(missing_ok=True)
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(s.new.backing)]
+            run([*argv, str(path), str(s.new.size)], timeout=60)
+        return {"ok": True, "point_id": plan.point_id, "prepare_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+
+    def _drop_prepared(self) -> None:
+        if self.prepared is not None and self.set_name is not None:
+            for s in self.prepared.steps:
+                (self.store.set_dir(self.set_name) / s.new.image).unlink(missing_ok=True)
+        self.prepared = None
+
+    def cut(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Add the prepared overlays (``"backing": null``), flush the exports, then ONE transaction.
+
+        The frozen images wait for ``commit``.
+        """
+        daemon, set_name = self._require()
+        plan = self.prepared
+        if plan is None or plan.point_id != msg.get("point_id"):
+            raise StateError("cut without its prepare")
+        sdir = self.store.set_dir(set_name)
+        t0 = time.monotonic()
         added: list[cc.LiveDisk] = []
         try:
             for s in plan.steps:
-                path = sdir / s.new.image
-                path.unlink(missing_ok=True)
-                run(
-                    [
-                        "qemu-img",
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-u",
-                        "-F",
-                        "qcow2",
-                        "-b",
-                        str(s.new.backing),
-                        str(path),
-                        str(s.new.size),
-                    ],
-                    timeout=60,
-                )
                 added.append(s.new)
-                daemon.add_image(s.new.node, str(path), backing_null=True)
-            prepare_ms = (time.monotonic() - t0) * 1000.0
+                daemon.add_image(s.new.node, str(sdir / s.new.image), backing_null=True)
+            add_ms = (time.monotonic() - t0) * 1000.0
             # Write back what the exports cached now, so the flush QEMU does inside the transaction
             # (blockdev-snapshot flushes the old node, guest I/O drained) finds little left to write.
             t1 = time.monotonic()
@@ -199,15 +207,16 @@ class ServeSession:
         except BaseException:
             for n in added:
                 daemon.del_image(n.node)
-                (sdir / n.image).unlink(missing_ok=True)
+            self._drop_prepared()
             raise
+        self.prepared = None
         self.pending = plan
         self.seq = plan.seq
         self.live = tuple(s.new for s in plan.steps)
         return {
             "ok": True,
             "point_id": plan.point_id,
-            "prepare_ms": round(prepare_ms, 3),
+            "add_ms": round(add_ms, 3),
             "preflush_ms": round(preflush_ms, 3),
             "cut_ms": round(cut_ms, 3),
         }
@@ -330,6 +339,7 @@ class ServeSession:
     def close(self) -> None:
         """Stop the daemon and discard every live (uncommitted) image."""
         self._teardown()
+        self._drop_prepared()
         if self.set_name is not None:
             sdir = self.store.set_dir(self.set_name)
             for d in self.live:
@@ -344,6 +354,8 @@ class ServeSession:
         op = msg.get("op")
         if op == "start":
             return self.start(msg)
+        if op == "prepare":
+            return self.prepare(msg)
         if op == "cut":
             return self.cut(msg)
         if op == "commit":
