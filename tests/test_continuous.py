@@ -241,7 +241,7 @@ def test_agent_continuous_falls_back_and_returns(conn: libvirt.virConnect, lab_v
         [sys.executable, "-m", "libvirt_cgrep", "agent", "--config", str(d / "agent.toml"), "--only", vm.name],
         stdout=subprocess.DEVNULL,
         stderr=open(d / "agent.log", "ab"),  # noqa: SIM115
-        env={**os.environ, "CGREP_RUN_DIR": str(run_dir), "CGREP_CONTINUOUS_RETRY_S": "10"},
+        env={**os.environ, "CGREP_RUN_DIR": str(run_dir), "CGREP_CONTINUOUS_RETRY_S": "3"},
     )
     try:
         end = time.monotonic() + 120
