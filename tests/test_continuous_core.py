@@ -56,3 +56,24 @@ def test_protection_continuous_round_trip() -> None:
         prot.Protection(target="/srv/r", rpo=300, mode="continuous", interval=0)
     with pytest.raises(UsageError):
         prot.Protection(target="/srv/r", rpo=300, mode="mirror")
+
+
+def test_metrics_expose_mirror_state_and_point_age() -> None:
+    """The agent's continuous collector: one series per state (1 for the current one) and the last point's age."""
+    import time
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import prometheus_client as pc
+
+    from libvirt_cgrep.agent.continuous import Continuous, _Group
+
+    c = Continuous(cast(Any, SimpleNamespace()), None)
+    c.groups["g1"] = _Group(mirror="in-sync", last_point_time=time.time() - 3)
+    reg = pc.CollectorRegistry()
+    c.metrics(reg)
+    text = pc.generate_latest(reg).decode()
+    assert 'cgrep_continuous_mirror_state{group="g1",state="in-sync"} 1.0' in text
+    assert 'cgrep_continuous_mirror_state{group="g1",state="degraded"} 0.0' in text
+    age = next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("cgrep_continuous_point_age_seconds{"))
+    assert 2.5 < age < 60
