@@ -121,13 +121,15 @@ class Session:
     def _break_link(self, why: str) -> None:
         """Make every NBD connection fail now: kill the ssh forwarder, or the local daemon; then the session."""
         self.broke = f"the replica did not answer {why} within {self.opts.replica_timeout:g} s: link broken"
-        if self.forwarder is not None and self.forwarder.poll() is None:
-            self.forwarder.kill()
+        if self.forwarder is not None:
+            if self.forwarder.poll() is None:
+                self.forwarder.kill()
+            if self.link is not None and self.link.proc.poll() is None:
+                self.link.proc.kill()  # the far receiver sees the end of its stream and cleans up by itself
         elif self.daemon_pid is not None:
+            # Local: the receiver is healthy (its daemon hung); it reports the lost daemon and cleans up on 'bye'.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.daemon_pid, signal.SIGKILL)
-        if self.link is not None and self.link.proc.poll() is None:
-            self.link.proc.kill()
         self.wake.set()
 
     def _request(self, msg: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
@@ -328,8 +330,8 @@ class Session:
             m.abort()
             m.close()
         if self.link is not None:
-            if self.link.proc.poll() is None and not self.broke:
-                self.link.close()
+            if self.link.proc.poll() is None:
+                self.link.close()  # 'bye': the receiver stops its daemon and discards the live images (killed after 30 s)
             else:
                 self.link.kill()
             self.link = None
