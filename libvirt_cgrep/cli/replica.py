@@ -210,7 +210,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if args.serve:
         if args.read_only:
             raise UsageError("--serve and --read-only exclude each other")
-        from libvirt_cgrep.replica.serve import serve as serve_continuous
+        from libvirt_cgrep.replica.live import serve as serve_continuous
 
         return serve_continuous(Path(target.path), sys.stdin.buffer, sys.stdout.buffer)
     return serve(Path(target.path), sys.stdin.buffer, sys.stdout.buffer, readonly=args.read_only)

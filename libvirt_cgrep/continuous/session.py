@@ -8,7 +8,7 @@ Guarantees:
   target write surfaces as a job failure within QEMU's 100 ms job slice):
   so every write acknowledged before the cut is in the point, on every disk;
 - the replica flushes the frozen images inside its transaction and fsyncs
-  them before the manifest (replica/serve.py): a committed point is durable;
+  them before the manifest (replica/live.py): a committed point is durable;
 - the replica is pinged every 0.5 s; a request unanswered for
   ``replica_timeout`` breaks the link (kills the ssh forwarder, or the local
   daemon), so the jobs fail instead of blocking guest writes any longer;
