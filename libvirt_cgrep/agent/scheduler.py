@@ -140,6 +140,10 @@ class Agent:
         # A violation an earlier run raised (then was killed or stopped) stays open: its rpo-restored is still owed.
         self.open_violations = {g.name for g in db.groups() if g.state == "violated"}
         self.metrics: Any = None
+        from libvirt_cgrep.agent.continuous import SIDECAR, Continuous
+        from libvirt_cgrep.agent.db import state_dir
+
+        self.continuous = Continuous(self, (Path(cfg.state_dir) if cfg.state_dir else state_dir()) / SIDECAR)
 
     # ------------------------------------------------------------ libvirt
     def _connect(self) -> bool:
@@ -286,6 +290,7 @@ class Agent:
         for rt in self.groups.values():
             self._collect(rt, now)
             spec = rt.spec
+            owned = spec.protection.mode == "continuous" and rt.known and self.continuous.owns(rt, now)
             paused = all(s == "shutoff" for s in spec.member_states) and not spec.missing
             view = rpo.GroupView(
                 rpo=spec.protection.rpo,
@@ -305,7 +310,7 @@ class Agent:
             if rt.known:  # no edge out of an inherited state before the newest point is known
                 self._transition(rt, state, now)
             rt.next_run = rpo.next_start(view, now, self.cfg.margin)
-            due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
+            due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping and not owned
             # (judged only between cycles: our own cycle pauses the members during its hold)
             blocked = None if paused else spec.blocked()
             if rt.future is None and blocked is None and rt.blocked is not None:
@@ -489,6 +494,7 @@ class Agent:
             "violations": pc.Counter("cgrep_rpo_violations", "RPO violations", ["group"], registry=reg),
             "failures": pc.Counter("cgrep_cycle_failures", "Failed cycles", ["group"], registry=reg),
         }
+        self.continuous.metrics(reg)
         pc.start_http_server(int(port), addr=host or "127.0.0.1", registry=reg)
         log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
 
@@ -556,6 +562,7 @@ class Agent:
         self.dirty.set()
 
     def _shutdown(self) -> int:
+        self.continuous.stop()
         end = time.monotonic() + self.cfg.stop_timeout
         while any(rt.future is not None for rt in self.groups.values()) and time.monotonic() < end:
             time.sleep(0.1)

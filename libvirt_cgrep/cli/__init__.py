@@ -35,6 +35,7 @@ verbs:
   points T                list the committed recovery points on a target
   verify T                re-check checksums and chains (--write-order: the lab checker)
   receive PATH            the replica side of a stream (run by sync, locally or over ssh)
+  continuous DOMAIN... --target T --interval 1m   RPO 0: mirrors to a replica-side daemon, points cut there
   protect DOMAIN --target T --rpo 5m   store protection in the domain's metadata
   protect A B --group G --target T --rpo 5m   protect several domains as ONE group (one cut, one RPO)
   unprotect DOMAIN        remove it (and take it out of its group)
@@ -80,6 +81,8 @@ environment:
   CGREP_STATE_DIR         agent state (default /var/lib/libvirt-cgrep)
   CGREP_SSH_CONFIG        ssh_config file for ssh:// targets (ssh -F)
   CGREP_REMOTE_CMD        the receiver command on ssh:// targets (default virt-cgrep)
+  CGREP_RUN_DIR           continuous mode: where NBD sockets live (default the temp dir; QEMU's user must reach it)
+  CGREP_CONTINUOUS_RETRY_S  agent: seconds before a degraded continuous mode is retried (default 30)
 
 files:
   /var/lib/libvirt-cgrep/lab/NAME/     a lab domain's disks and console.log
@@ -135,7 +138,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import agent, engine, hooks, lab, recovery, replica
+    from libvirt_cgrep.cli import agent, continuous, engine, hooks, lab, recovery, replica
 
     p = _Parser(
         prog=PROG,
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine.register(sub)
     replica.register(sub)
+    continuous.register(sub)
     agent.register(sub)
     hooks.register(sub)
     recovery.register(sub)

@@ -53,7 +53,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("domains", nargs="+", metavar="DOMAIN")
     p.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
-    p.add_argument("--rpo", required=True, help="recovery point objective: 30s, 5m, 1h, 1d")
+    p.add_argument(
+        "--rpo", help="recovery point objective: 30s, 5m, 1h, 1d (continuous mode: of its snapshot fallback, default 5m)"
+    )
+    p.add_argument("--mode", choices=prot.MODES, default="snapshot", help="snapshot (default) or continuous (mirrors, RPO 0)")
+    p.add_argument("--interval", default="1m", metavar="DUR", help="continuous mode: time between points (default 1m)")
+    p.add_argument(
+        "--replica-timeout", default="5s", metavar="DUR", help="continuous mode: longest guest write wait (default 5s)"
+    )
     p.add_argument("--group", metavar="NAME", help="consistency group; added to its members (default: the domain alone)")
     p.add_argument("--keep", default="24", metavar="N", help="keep the newest N points (default 24)")
     p.add_argument("--keep-hourly", default="0", metavar="N")
@@ -158,9 +165,14 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if len(names) > 1 and group is None:
         raise UsageError("several domains are protected as one consistency group: give --group NAME")
     target = parse_target(args.target)
+    if args.rpo is None and args.mode != "continuous":
+        raise UsageError("--rpo is required (snapshot mode)")
     p = prot.Protection(
         target=str(target),
-        rpo=rpo.parse_duration(args.rpo),
+        rpo=rpo.parse_duration(args.rpo or "5m"),
+        mode=args.mode,
+        interval=rpo.parse_duration(args.interval, "--interval", 1, 86400),
+        replica_timeout=rpo.parse_duration(args.replica_timeout, "--replica-timeout", 1, 600),
         group=group,
         keep=parse_count(args.keep, "--keep", 0, 100_000),
         keep_hourly=parse_count(args.keep_hourly, "--keep-hourly", 0, 100_000),
@@ -199,7 +211,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
     for n, dom, q in others:
         if q.members != members:
             _write(dom, n, replace(q, members=members))
-    what = f"target {p.target}, RPO {rpo.format_duration(p.rpo)}" + (f", group {group} ({', '.join(members)})" if group else "")
+    mode = f", continuous (a point every {rpo.format_duration(p.interval)})" if p.mode == "continuous" else ""
+    what = f"target {p.target}, RPO {rpo.format_duration(p.rpo)}{mode}" + (
+        f", group {group} ({', '.join(members)})" if group else ""
+    )
     print(f"{', '.join(names)} protected: {what}")
     return EXIT_OK
 
@@ -281,6 +296,7 @@ STATUS_COLUMNS = [
     ("group", "GROUP"),
     ("members", "MEMBERS"),
     ("rpo", "RPO"),
+    ("mode", "MODE"),
     ("age", "AGE"),
     ("state", "STATE"),
     ("last_duration", "LAST CYCLE"),
@@ -293,14 +309,22 @@ STATUS_COLUMNS = [
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.agent.continuous import read_sidecar
+    from libvirt_cgrep.agent.db import state_dir
+
     db = _open_db(args)
+    cont = read_sidecar(args.state_dir or state_dir())
     now = time.time()
     rows = []
     for g in db.groups():
         age = None if g.newest_time is None else round(now - g.newest_time, 1)
+        c = cont.get(g.name, {})
         rows.append(
             {
                 "group": g.name,
+                "mode": c.get("mode", "snapshot"),
+                "mirror": c.get("mirror"),
+                "last_cut_ms": c.get("last_cut_ms"),
                 "members": list(g.members),
                 "member_rows": [
                     {"domain": m, "state": st}
@@ -334,6 +358,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "age": "-" if r["age"] is None else f"{r['age']}s",
                 "next_in": "-" if r["next_in"] is None else f"{r['next_in']}s",
                 "last_duration": "-" if r["last_duration"] is None else f"{r['last_duration']}s",
+                "mode": r["mode"] if r["mirror"] is None else f"{r['mode']}/{r['mirror']}",
             }
         )
         if len(r["member_rows"]) > 1 or (r["member_rows"] and r["member_rows"][0]["domain"] != r["group"]):

@@ -96,6 +96,9 @@ def register(sub: Any) -> None:
     )
     r.add_argument("path", metavar="PATH")
     r.add_argument("--read-only", action="store_true", help="serve only reads (points, verify); take no lock")
+    r.add_argument(
+        "--serve", action="store_true", help="continuous mode: run a qemu-storage-daemon exporting the set over NBD, cut there"
+    )
     r.set_defaults(func=cmd_receive)
 
 
@@ -204,6 +207,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     target = parse_target(args.path)
     if target.host:
         raise UsageError("receive takes a local path")
+    if args.serve:
+        if args.read_only:
+            raise UsageError("--serve and --read-only exclude each other")
+        from libvirt_cgrep.replica.live import serve as serve_continuous
+
+        return serve_continuous(Path(target.path), sys.stdin.buffer, sys.stdout.buffer)
     # stdin unbuffered: data payloads are spliced from the pipe into the image (see replica.receiver)
     inp = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - the process's stdin
     return serve(Path(target.path), inp, sys.stdout.buffer, readonly=args.read_only)

@@ -27,7 +27,7 @@ from libvirt_cgrep.errors import UsageError
 NS = "urn:x-libvirt-cgrep:protection:1"
 PREFIX = "cgrep"
 FENCES = ("none", "suspend")
-MODES = ("snapshot",)
+MODES = ("snapshot", "continuous")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class Protection:
     fence: str = "none"
     app_consistent: bool = False
     mode: str = "snapshot"
+    #: continuous mode: seconds between points (the RPO then governs the snapshot-mode fallback)
+    interval: int = 60
+    #: continuous mode: longest a guest write may wait for the replica, in seconds
+    replica_timeout: int = 5
 
     def __post_init__(self) -> None:
         if not MIN_RPO <= self.rpo <= MAX_RPO:
@@ -56,6 +60,8 @@ class Protection:
             raise UsageError(f"invalid fence {self.fence!r}")
         if self.mode not in MODES:
             raise UsageError(f"invalid mode {self.mode!r}: this release supports {', '.join(MODES)}")
+        if not 1 <= self.interval <= 86400 or not 1 <= self.replica_timeout <= 600:
+            raise UsageError("continuous interval or replica timeout out of range")
         for v in (self.keep, self.keep_hourly, self.keep_daily):
             if not 0 <= v <= 100_000:
                 raise UsageError("retention counts must be between 0 and 100000")
@@ -73,6 +79,9 @@ class Protection:
             "app-consistent": "yes" if self.app_consistent else "no",
             "mode": self.mode,
         }
+        if self.mode == "continuous":
+            attrs["interval"] = str(self.interval)
+            attrs["replica-timeout"] = str(self.replica_timeout)
         if self.group:
             attrs["group"] = self.group
             if self.members:
@@ -92,6 +101,8 @@ class Protection:
             "fence": self.fence,
             "app_consistent": self.app_consistent,
             "mode": self.mode,
+            "interval": self.interval,
+            "replica_timeout": self.replica_timeout,
         }
 
 
@@ -110,6 +121,8 @@ def from_xml(xml: str) -> Protection:
             fence=el.get("fence", "none"),
             app_consistent=el.get("app-consistent", "no") == "yes",
             mode=el.get("mode", "snapshot"),
+            interval=int(el.get("interval", "60")),
+            replica_timeout=int(el.get("replica-timeout", "5")),
         )
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise UsageError(f"malformed protection metadata: {exc}") from exc

@@ -138,6 +138,8 @@ def coverage(
     """
     if rec is None:
         return len(chain), True, primary_base(chain), "first point of this disk"
+    if not rec.primary_base:
+        return len(chain), True, primary_base(chain), "the newest point was cut in continuous mode"
     if rec.primary_base not in chain:
         return len(chain), True, primary_base(chain), f"chain broken: {rec.primary_base} is no longer in it"
     if stamp is not None and (

@@ -282,11 +282,11 @@ class Store:
             s.path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------- prune
-    def prune(self, set_name: str, policy: Policy, now: datetime) -> list[str]:
-        """Delete the points ``core.retention.prune`` selects, merging each into its child."""
+    def prune(self, set_name: str, policy: Policy, now: datetime, *, protect: frozenset[str] = frozenset()) -> list[str]:
+        """Delete the points ``core.retention.prune`` selects (except ``protect``), merging each into its child."""
         pts = self.points(set_name)
         times = [PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts]
-        doomed = recovery.prunable(prune(times, now, policy), self.held_points(set_name))
+        doomed = [p for p in recovery.prunable(prune(times, now, policy), self.held_points(set_name)) if p not in protect]
         for pid in doomed:
             pts = self.points(set_name)
             ids = [m.point_id for m in pts]
