@@ -320,6 +320,14 @@ def run(walk: Walk) -> None:
         conn.close()
 
 
+def _ours(dom: libvirt.virDomain, root: Path) -> bool:
+    """A domain of the walk: a member of its group, or one whose disks live under its directory."""
+    try:
+        return dom.name().startswith(f"{GROUP}-") or str(root) in dom.XMLDesc(0)
+    except libvirt.libvirtError:  # gone meanwhile (other domains come and go)
+        return False
+
+
 def clean(root: Path, uri: str) -> None:
     """Stop and remove everything the walk made: relay, lab group, recovery domains and networks, files."""
     subprocess.run(
@@ -333,8 +341,7 @@ def clean(root: Path, uri: str) -> None:
         with contextlib.suppress(Exception):
             relay.stop(labdom.group_dir(GROUP), GROUP)
         for d in conn.listAllDomains(0):
-            xml = d.XMLDesc(0)
-            if d.name().startswith(f"{GROUP}-") or str(root) in xml:
+            if _ours(d, root):
                 with contextlib.suppress(libvirt.libvirtError):
                     if d.isActive():
                         d.destroy()
@@ -410,7 +417,7 @@ def teardown(root: Path, uri: str) -> None:
         with contextlib.suppress(Exception):
             relay.stop(labdom.group_dir(GROUP), GROUP)
         for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            if d.name().startswith(f"{GROUP}-") or str(root) in d.XMLDesc(0):
+            if _ours(d, root):
                 with contextlib.suppress(libvirt.libvirtError):
                     d.destroy()
     finally:
