@@ -167,7 +167,10 @@ class Agent:
             except CgrepError as exc:
                 problems[name] = str(exc)
                 continue
-            st = dom.state()[0]
+            try:
+                st = dom.state()[0]
+            except libvirt.libvirtError:  # undefined since the listing: not a broken connection, skip it
+                continue
             state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
             gname = p.group or name
             if self.cfg.only and gname not in self.cfg.only:
