@@ -115,6 +115,7 @@ class Agent:
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
+        self.watched: frozenset[str] = frozenset()  # members of protected groups (their lifecycle events rescan)
         # A violation an earlier run raised (then was killed or stopped) stays open: its rpo-restored is still owed.
         self.open_violations = {g.name for g in db.groups() if g.state == "violated"}
         self.metrics: Any = None
@@ -138,7 +139,7 @@ class Agent:
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(2, 3)
         mark = lambda *a: self.dirty.set()  # noqa: E731
-        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, mark, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, mark, None)
         conn.registerCloseCallback(lambda *a: self.dirty.set(), None)
@@ -212,6 +213,13 @@ class Agent:
         for name, why in problems.items():
             log.warning("%s: %s", name, why)
         self.last_scan = time.monotonic()
+        self.watched = frozenset(m for rt in self.groups.values() for m in rt.spec.members)
+
+    def _on_lifecycle(self, conn: object, dom: libvirt.virDomain, event: int, detail: int, opaque: object) -> None:
+        """Rescan for a domain defined or undefined, or a protected one changing state: not for other guests' starts
+        and stops (on a busy host a full rescan per event kept the loop from starting cycles for seconds)."""
+        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) or dom.name() in self.watched:
+            self.dirty.set()
 
     # ------------------------------------------------------------ children
     def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
