@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ def compliance(commits: Sequence[Commit], rpo: float, end: float) -> Compliance 
     newest_cut = cs[0].cut
     for i, c in enumerate(cs):
         newest_cut = max(newest_cut, c.cut)
-        until = cs[i + 1].committed if i + 1 < len(cs) else end
+        # a commit after the end (the agent finishing its last cycle while stopping) does not stretch the run
+        until = min(cs[i + 1].committed, end) if i + 1 < len(cs) else end
         start = c.committed
         if until <= start:
             continue
@@ -277,6 +278,8 @@ class RunResult:
     gap_max_s: float | None = None
     back_to_back: float | None = None  # fraction of cycles started within 0.5 s of the previous end
     loadavg_end: str = ""
+    run_end: float = 0.0  # epoch s: compliance is computed up to here
+    cycles: list[dict[str, Any]] = field(default_factory=list)  # the agent's cycle records (recompute from the JSON)
 
 
 def run_agent(
@@ -335,6 +338,8 @@ def run_agent(
         gap_max_s=max(gaps, default=None),
         back_to_back=sum(g < 0.5 for g in gaps) / len(gaps) if gaps else None,
         loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        run_end=end,
+        cycles=agent.cycles(vm.name),
     )
 
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def alive(pids: Iterator[int] | Sequence[int]) -> list[int]:
+def alive(pids: Iterable[int]) -> list[int]:
     """The pids still running (zombies count as gone)."""
     out = []
     for pid in pids:

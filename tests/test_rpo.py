@@ -151,3 +151,14 @@ def test_protection_roundtrip_and_validation() -> None:
     for bad in ({"rpo": 0}, {"group": "a/b"}, {"fence": "freeze"}, {"keep": 0}):
         with pytest.raises(UsageError):
             prot.Protection(**{"target": "/x", "rpo": 60, **bad})  # type: ignore[arg-type]
+
+
+def test_bench_compliance_stops_at_the_end_of_the_run() -> None:
+    """bench/rpo.py's compliance: a commit after the run's end (the agent stopping) must not stretch the run."""
+    from bench.rpo import Commit, compliance
+
+    commits = [Commit(0.0, 2.0), Commit(4.0, 6.0), Commit(30.0, 40.0)]  # the last one commits after the end (20)
+    c = compliance(commits, 5.0, 20.0)
+    assert c is not None and c.seconds == 18.0
+    assert c.violated_s == (6.0 - 5.0) + (20.0 - 9.0) and 0 <= c.fraction <= 1  # from cut + 5 s to the next commit or the end
+    assert c.max_age_s == 16.0

@@ -137,6 +137,7 @@ class Agent:
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
+        self.watched: frozenset[str] = frozenset()  # members of protected groups (their lifecycle events rescan)
         # A violation an earlier run raised (then was killed or stopped) stays open: its rpo-restored is still owed.
         self.open_violations = {g.name for g in db.groups() if g.state == "violated"}
         self.metrics: Any = None
@@ -164,7 +165,7 @@ class Agent:
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(2, 3)
         mark = lambda *a: self.dirty.set()  # noqa: E731
-        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, mark, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, mark, None)
         conn.registerCloseCallback(lambda *a: self.dirty.set(), None)
@@ -193,7 +194,10 @@ class Agent:
             except CgrepError as exc:
                 problems[name] = str(exc)
                 continue
-            st = dom.state()[0]
+            try:
+                st = dom.state()[0]
+            except libvirt.libvirtError:  # undefined since the listing: not a broken connection, skip it
+                continue
             state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
             gname = p.group or name
             if self.cfg.only and gname not in self.cfg.only:
@@ -240,6 +244,13 @@ class Agent:
         for name, why in problems.items():
             log.warning("%s: %s", name, why)
         self.last_scan = time.monotonic()
+        self.watched = frozenset(m for rt in self.groups.values() for m in rt.spec.members)
+
+    def _on_lifecycle(self, conn: object, dom: libvirt.virDomain, event: int, detail: int, opaque: object) -> None:
+        """Rescan for a domain defined or undefined, or a protected one changing state: not for other guests' starts
+        and stops (on a busy host a full rescan per event kept the loop from starting cycles for seconds)."""
+        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) or dom.name() in self.watched:
+            self.dirty.set()
 
     # ------------------------------------------------------------ children
     def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:

@@ -94,7 +94,7 @@ def _read(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _entry(target: Callable[..., int], args: Sequence[Any], conn: Connection) -> None:
+def _entry(target: Callable[..., Any], args: Sequence[Any], conn: Connection) -> None:
     """Runs in the forked child: arm the parent-death signal, capture fds 1 and 2, run, send (rc, out, err)."""
     set_pdeathsig()
     # Every forkserver child inherits the agent's end of the forkserver's "alive" pipe, which keeps the forkserver
@@ -172,7 +172,7 @@ class Runner:
             return self._exec(argv, timeout)
         return self.call(_cli, (list(argv),), timeout)
 
-    def call(self, target: Callable[..., int], args: Sequence[Any], timeout: float) -> tuple[int, str, str]:
+    def call(self, target: Callable[..., Any], args: Sequence[Any], timeout: float) -> tuple[int, str, str]:
         """Fork mode: run ``target(*args)`` in a child of the forkserver."""
         assert self.ctx is not None
         recv, send = self.ctx.Pipe(duplex=False)
