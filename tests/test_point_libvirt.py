@@ -54,9 +54,11 @@ def run_points(
         before = tops(conn, vm.name)
         out = point_json(vm.name, "--fence", fence, *extra)
         if out.returncode != 0:
-            # a failed point leaves the guest running on its old chain: counted, and the run goes on
+            # a failed point leaves the guest running (on its old chain, or cut but reported failed,
+            # e.g. a hold past its deadline): counted with its one-line reason, and the run goes on
             failures.append(f"point {i + 1}: exit {out.returncode}: {out.stderr.strip()}")
-            assert labdom.get(conn, vm.name).state == "running" and tops(conn, vm.name) == before
+            print(failures[-1])
+            assert labdom.get(conn, vm.name).state == "running"
             continue
         res = json.loads(out.stdout)
         assert res["fence"] == fence and res["time_utc"].endswith("Z") and res["cut_ms"] > 0
