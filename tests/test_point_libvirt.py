@@ -74,6 +74,8 @@ def run_points(
         verdict = check_images([Path(f) for f in frozen])
         assert verdict.max >= acked, "a record acknowledged before the point is missing from it"
         consistent += verdict.consistent
+        if n > 10 and (i + 1) % 10 == 0:  # progress of long runs
+            print(f"  {i + 1} points: {consistent} consistent, {len(failures)} failed{hold_stats(holds)}", flush=True)
     assert labdom.get(conn, vm.name).state == "running"
     return consistent, holds, failures
 
@@ -94,8 +96,9 @@ def test_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, fen
 
 
 #: The slow tier's hold deadline. The deadline is a safety cap (the guardian resumes the guest when it passes),
-#: not the consistency criterion: on a loaded shared TCG host one libvirt snapshot call can exceed the 2 s default.
-SLOW_DEADLINE_MS = "10000"
+#: not the consistency criterion: on a loaded shared TCG host one libvirt snapshot call can exceed the 2 s default
+#: (measured at load average 30-36 on 2 cores: holds of 12 s at 8 disks). 60 s is the longest --deadline allowed.
+SLOW_DEADLINE_MS = "60000"
 
 
 @pytest.mark.slow
