@@ -83,7 +83,7 @@ def run_points(
 def hold_stats(holds: list[float]) -> str:
     if not holds:
         return ""
-    p95 = statistics.quantiles(holds, n=20)[-1] if len(holds) > 1 else holds[0]
+    p95 = statistics.quantiles(holds, n=20, method="inclusive")[-1] if len(holds) > 1 else holds[0]
     return f", hold median {statistics.median(holds):.1f} ms, p95 {p95:.1f} ms, max {max(holds):.1f} ms"
 
 
