@@ -54,9 +54,11 @@ def run_points(
         before = tops(conn, vm.name)
         out = point_json(vm.name, "--fence", fence, *extra)
         if out.returncode != 0:
-            # a failed point leaves the guest running on its old chain: counted, and the run goes on
+            # a failed point leaves the guest running (on its old chain, or cut but reported failed,
+            # e.g. a hold past its deadline): counted with its one-line reason, and the run goes on
             failures.append(f"point {i + 1}: exit {out.returncode}: {out.stderr.strip()}")
-            assert labdom.get(conn, vm.name).state == "running" and tops(conn, vm.name) == before
+            print(failures[-1])
+            assert labdom.get(conn, vm.name).state == "running"
             continue
         res = json.loads(out.stdout)
         assert res["fence"] == fence and res["time_utc"].endswith("Z") and res["cut_ms"] > 0
@@ -72,6 +74,8 @@ def run_points(
         verdict = check_images([Path(f) for f in frozen])
         assert verdict.max >= acked, "a record acknowledged before the point is missing from it"
         consistent += verdict.consistent
+        if n > 10 and (i + 1) % 10 == 0:  # progress of long runs
+            print(f"  {i + 1} points: {consistent} consistent, {len(failures)} failed{hold_stats(holds)}", flush=True)
     assert labdom.get(conn, vm.name).state == "running"
     return consistent, holds, failures
 
@@ -79,7 +83,7 @@ def run_points(
 def hold_stats(holds: list[float]) -> str:
     if not holds:
         return ""
-    p95 = statistics.quantiles(holds, n=20)[-1] if len(holds) > 1 else holds[0]
+    p95 = statistics.quantiles(holds, n=20, method="inclusive")[-1] if len(holds) > 1 else holds[0]
     return f", hold median {statistics.median(holds):.1f} ms, p95 {p95:.1f} ms, max {max(holds):.1f} ms"
 
 
@@ -92,8 +96,9 @@ def test_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, fen
 
 
 #: The slow tier's hold deadline. The deadline is a safety cap (the guardian resumes the guest when it passes),
-#: not the consistency criterion: on a loaded shared TCG host one libvirt snapshot call can exceed the 2 s default.
-SLOW_DEADLINE_MS = "10000"
+#: not the consistency criterion: on a loaded shared TCG host one libvirt snapshot call can exceed the 2 s default
+#: (measured at load average 30-36 on 2 cores: holds of 12 s at 8 disks). 60 s is the longest --deadline allowed.
+SLOW_DEADLINE_MS = "60000"
 
 
 @pytest.mark.slow
