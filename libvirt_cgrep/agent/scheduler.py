@@ -190,7 +190,10 @@ class Agent:
             except CgrepError as exc:
                 problems[name] = str(exc)
                 continue
-            st = dom.state()[0]
+            try:
+                st = dom.state()[0]
+            except libvirt.libvirtError:
+                continue  # undefined since it was listed (another tool's domain going away): not a failed scan
             state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
             gname = p.group or name
             if self.cfg.only and gname not in self.cfg.only:
