@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -38,9 +39,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -50,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.common import URI, fmt, guest_artifacts, percentile, unique_name, wait_progress
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.agent.db import StateDB, db_path
+from libvirt_cgrep.agent.worker import MODE_ENV
 from libvirt_cgrep.cli import run as cgrep
 from libvirt_cgrep.lab import domain as labdom
 
@@ -93,7 +96,8 @@ def compliance(commits: Sequence[Commit], rpo: float, end: float) -> Compliance 
     newest_cut = cs[0].cut
     for i, c in enumerate(cs):
         newest_cut = max(newest_cut, c.cut)
-        until = cs[i + 1].committed if i + 1 < len(cs) else end
+        # a commit after the end (the agent finishing its last cycle while stopping) does not stretch the run
+        until = min(cs[i + 1].committed, end) if i + 1 < len(cs) else end
         start = c.committed
         if until <= start:
             continue
@@ -167,7 +171,7 @@ def protect(uri: str, name: str, target: Path, rpo: int, *, keep: int = 24) -> N
 class Agent:
     """``virt-cgrep agent`` on a scratch state directory, managing only ``groups``; stopped with SIGTERM."""
 
-    def __init__(self, uri: str, groups: Sequence[str], state: Path) -> None:
+    def __init__(self, uri: str, groups: Sequence[str], state: Path, children: str = "fork") -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
         only = ", ".join(json.dumps(g) for g in groups)
@@ -181,6 +185,7 @@ class Agent:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                env={**os.environ, MODE_ENV: children},
             )
         self.started = time.time()
 
@@ -209,13 +214,16 @@ class Agent:
         finally:
             db.close()
 
-    def commits(self, group: str) -> tuple[list[Commit], int, list[float]]:
-        """(the group's commits, failed cycles, successful cycle durations s) of this run."""
+    def cycles(self, group: str) -> list[dict[str, Any]]:
         db = StateDB(db_path(self.state), readonly=True)
         try:
-            cycles = db.cycles(group, 100_000)
+            return db.cycles(group, 100_000)
         finally:
             db.close()
+
+    def commits(self, group: str) -> tuple[list[Commit], int, list[float]]:
+        """(the group's commits, failed cycles, successful cycle durations s) of this run."""
+        cycles = self.cycles(group)
         ok = [c for c in cycles if c["ok"] and c["point_id"]]
         commits = [Commit(point_time(c["point_id"]), c["ended"]) for c in ok]
         return commits, len(cycles) - len(ok), [c["ended"] - c["started"] for c in ok]
@@ -261,14 +269,33 @@ class RunResult:
     max_age_s: float | None
     violations_after_first_point: int
     held: bool
+    children: str = "fork"
+    p50_cycle_s: float | None = None
+    p99_cycle_s: float | None = None
+    pre_cut_mean_s: float | None = None  # cycle start -> cut (child start-up, receiver, repair, snapshot)
+    post_cut_mean_s: float | None = None  # cut -> cycle end (ship, commit, fold, prune, exit)
+    gap_p50_s: float | None = None  # previous cycle's end -> next start (back-to-back: the loop's reaction)
+    gap_max_s: float | None = None
+    back_to_back: float | None = None  # fraction of cycles started within 0.5 s of the previous end
+    loadavg_end: str = ""
+    run_end: float = 0.0  # epoch s: compliance is computed up to here
+    cycles: list[dict[str, Any]] = field(default_factory=list)  # the agent's cycle records (recompute from the JSON)
 
 
 def run_agent(
-    uri: str, vm: labdom.LabDomain, target: Path, rpo: int, *, minutes: float, rate_mib: float, scratch: Path
+    uri: str,
+    vm: labdom.LabDomain,
+    target: Path,
+    rpo: int,
+    *,
+    minutes: float,
+    rate_mib: float,
+    scratch: Path,
+    children: str = "fork",
 ) -> RunResult:
     protect(uri, vm.name, target, rpo)
     first_ack = labdom.read_console(vm.directory / "console.log").ack
-    agent = Agent(uri, [vm.name], scratch / f"agent-{vm.name}-rpo{rpo}")
+    agent = Agent(uri, [vm.name], scratch / f"agent-{vm.name}-rpo{rpo}-{children}", children)
     try:
         time.sleep(minutes * 60)
         end = time.time()
@@ -279,6 +306,10 @@ def run_agent(
     if rc != 0:
         raise RuntimeError(f"the agent exited with {rc}: see {agent.state / 'agent.log'}")
     commits, failed, durations = agent.commits(vm.name)
+    cycles = [c for c in agent.cycles(vm.name) if c["ok"] and c["point_id"]]
+    pre = [point_time(c["point_id"]) - c["started"] for c in cycles]
+    post = [c["ended"] - point_time(c["point_id"]) for c in cycles]
+    gaps = [b["started"] - a["ended"] for a, b in itertools.pairwise(cycles)]
     comp = compliance(commits, rpo, end)
     first = min((c.committed for c in commits), default=end)
     violations = agent.alerts(vm.name, first).count("rpo-violated")
@@ -298,6 +329,17 @@ def run_agent(
         max_age_s=comp.max_age_s if comp else None,
         violations_after_first_point=violations,
         held=bool(comp and comp.violated_s == 0 and violations == 0),
+        children=children,
+        p50_cycle_s=percentile(durations, 50),
+        p99_cycle_s=percentile(durations, 99),
+        pre_cut_mean_s=sum(pre) / len(pre) if pre else None,
+        post_cut_mean_s=sum(post) / len(post) if post else None,
+        gap_p50_s=percentile(gaps, 50),
+        gap_max_s=max(gaps, default=None),
+        back_to_back=sum(g < 0.5 for g in gaps) / len(gaps) if gaps else None,
+        loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        run_end=end,
+        cycles=agent.cycles(vm.name),
     )
 
 
@@ -307,7 +349,14 @@ def run_agent(
 def part_compliance(args: argparse.Namespace, conn: libvirt.virConnect, scratch: Path) -> RunResult:
     with writer(conn, args.disks, args.rate_mib, "rpo") as vm:
         return run_agent(
-            args.uri, vm, scratch / "replica-compliance", args.rpo, minutes=args.minutes, rate_mib=args.rate_mib, scratch=scratch
+            args.uri,
+            vm,
+            scratch / "replica-compliance",
+            args.rpo,
+            minutes=args.minutes,
+            rate_mib=args.rate_mib,
+            scratch=scratch,
+            children=args.children,
         )
 
 
@@ -319,7 +368,16 @@ def part_min_rpo(args: argparse.Namespace, conn: libvirt.virConnect, scratch: Pa
         target = scratch / "replica-min-rpo"
         for rpo in candidates:
             print(f"min-rpo: RPO {rpo} s for {args.minutes} min", file=sys.stderr, flush=True)
-            r = run_agent(args.uri, vm, target, rpo, minutes=args.minutes, rate_mib=args.min_rpo_rate_mib, scratch=scratch)
+            r = run_agent(
+                args.uri,
+                vm,
+                target,
+                rpo,
+                minutes=args.minutes,
+                rate_mib=args.min_rpo_rate_mib,
+                scratch=scratch,
+                children=args.children,
+            )
             runs.append(r)
             if not r.held:
                 break
@@ -343,7 +401,7 @@ def part_cpu(args: argparse.Namespace, conn: libvirt.virConnect, scratch: Path) 
     with paused_domains(conn, args.idle_domains, args.idle_disks) as names:
         for name in names:
             protect(args.uri, name, scratch / "replica-idle", 3600)
-        agent = Agent(args.uri, names, scratch / "agent-idle")
+        agent = Agent(args.uri, names, scratch / "agent-idle", args.children)
         try:
             t0 = time.monotonic()
             while True:
@@ -370,16 +428,19 @@ def part_cpu(args: argparse.Namespace, conn: libvirt.virConnect, scratch: Path) 
 def run_table(runs: Sequence[RunResult], title: str) -> str:
     head = (
         f"{'RPO s':>5} {'MiB/s':>5} {'wrote':>5} {'disks':>5} {'min':>5} {'points':>6} {'failed':>6}"
-        f" {'cycle s':>7} {'p90':>5} {'max':>5} {'compliance':>10} {'violated s':>10} {'max age s':>9} {'alerts':>6} {'held':>4}"
+        f" {'cycle s':>7} {'p50':>5} {'p90':>5} {'p99':>5} {'max':>5} {'pre':>5} {'post':>5} {'gap':>5}"
+        f" {'compliance':>10} {'violated s':>10} {'max age s':>9} {'alerts':>6} {'held':>4} {'child':>5} load"
     )
     rows = [title, head, "-" * len(head)]
     for r in runs:
         pct = "-" if r.compliance is None else f"{100 * r.compliance:.2f} %"
         rows.append(
             f"{r.rpo_s:>5} {fmt(r.rate_mib_s):>5} {fmt(r.written_mib_s):>5} {r.disks:>5} {fmt(r.minutes):>5}"
-            f" {r.points:>6} {r.failed_cycles:>6} {fmt(r.mean_cycle_s, 2):>7} {fmt(r.p90_cycle_s):>5} {fmt(r.max_cycle_s):>5}"
+            f" {r.points:>6} {r.failed_cycles:>6} {fmt(r.mean_cycle_s, 2):>7} {fmt(r.p50_cycle_s):>5}"
+            f" {fmt(r.p90_cycle_s):>5} {fmt(r.p99_cycle_s):>5} {fmt(r.max_cycle_s):>5}"
+            f" {fmt(r.pre_cut_mean_s):>5} {fmt(r.post_cut_mean_s):>5} {fmt(r.gap_p50_s, 2):>5}"
             f" {pct:>10} {fmt(r.violated_s):>10} {fmt(r.max_age_s):>9} {r.violations_after_first_point:>6}"
-            f" {'yes' if r.held else 'NO':>4}"
+            f" {'yes' if r.held else 'NO':>4} {r.children:>5} {r.loadavg_end}"
         )
     return "\n".join(rows)
 
@@ -396,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--idle-domains", type=int, default=50)
     ap.add_argument("--idle-disks", type=int, default=4)
     ap.add_argument("--idle-seconds", type=float, default=60.0, help="cpu: measuring window, s (default 60)")
+    ap.add_argument("--children", choices=("fork", "exec"), default="fork", help="how the agent starts cycles (agent.worker)")
     ap.add_argument("--uri", default=URI)
     ap.add_argument("--out", type=Path, default=Path("bench/results/rpo.json"))
     args = ap.parse_args(argv)

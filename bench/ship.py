@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab.sshd import Sshd, loopback_sshd
 
 MIB = 1 << 20
+#: the sync's phases (its JSON ``phases_ms``), in cycle order
+PHASES = ("open", "cut", "plan", "begin", "map_wait", "send", "commit", "fold")
 
 
 # --------------------------------------------------------------------------- loopback sshd
@@ -63,6 +65,24 @@ class Cycle:
     cut_ms: float
     raw_s: float | None  # the plain copy of changed_bytes (cp, or cat | ssh)
     raw_mux_s: float | None  # the same through an open ssh master connection: no connection setup (ssh only)
+    phases_ms: dict[str, float] = field(default_factory=dict)  # the sync's own phase timings
+
+    @property
+    def send_s(self) -> float | None:
+        """The streaming part of the ship: first to last extent on the link (no map wait, no staging)."""
+        v = self.phases_ms.get("send")
+        return v / 1000.0 if v else None
+
+    @property
+    def fixed_ms(self) -> float:
+        """Everything of the cycle but the streaming: cut, qemu-img, staging, commit (fsync, sha256), fold."""
+        return self.total_s * 1000.0 - (self.phases_ms.get("send") or 0.0)
+
+    @property
+    def stream_ratio(self) -> float | None:
+        """Streaming throughput / raw copy throughput (= raw_s / send_s)."""
+        send = self.send_s
+        return self.raw_s / send if self.raw_s and send else None
 
     @property
     def wire_ratio(self) -> float | None:
@@ -96,6 +116,9 @@ class Cycle:
             "raw_mib_s": self.raw_mib_s,
             "speed_ratio": self.speed_ratio,
             "speed_ratio_net": self.speed_ratio_net,
+            "send_s": self.send_s,
+            "fixed_ms": self.fixed_ms,
+            "stream_ratio": self.stream_ratio,
         }
 
 
@@ -229,12 +252,14 @@ def run_phase(
             float(res["cut_ms"]),
             raw_s,
             mux_s,
+            {k: float(v) for k, v in res.get("phases_ms", {}).items()},
         )
         out.append(c)
         print(
             f"{link:5} cycle {n}: {'seed' if full else 'delta'} {fmt(changed / MIB)} MiB changed,"
             f" shipped {fmt(c.bytes_shipped / MIB)} MiB"
-            f" in {fmt(c.ship_s, 3)} s; raw copy {fmt(raw_s, 3)} s",
+            f" in {fmt(c.ship_s, 3)} s (streaming {fmt(c.send_s, 3)} s); raw copy {fmt(raw_s, 3)} s;"
+            f" phases ms {c.phases_ms}",
             file=sys.stderr,
             flush=True,
         )
@@ -262,13 +287,18 @@ def summarize(cycles: Sequence[Cycle]) -> dict[str, float | None]:
         "speed_ratio_net_median": med([c.speed_ratio_net for c in deltas]),
         "raw_mux_mib_s_median": med([c.changed_bytes / MIB / c.raw_mux_s for c in deltas if c.raw_mux_s]),
         "sync_total_s_median": med([c.total_s for c in deltas]),
+        "stream_mib_s_median": med([c.changed_bytes / MIB / c.send_s for c in deltas if c.send_s]),
+        "stream_ratio_median": med([c.stream_ratio for c in deltas]),
+        "stream_ratio_total": raw_s / send_s if (send_s := sum(c.send_s or 0.0 for c in deltas)) > 0 and raw_s else None,
+        "fixed_ms_median": med([c.fixed_ms for c in deltas]),
+        **{f"{k}_ms_median": med([c.phases_ms.get(k) for c in deltas]) for k in PHASES},
     }
 
 
 def table(cycles: Sequence[Cycle], summary: Mapping[str, Mapping[str, float | None]]) -> str:
     head = (
         f"{'link':5} {'cycle':>5} {'changed MiB':>11} {'shipped/chg':>11} {'ship MiB/s':>10} {'raw MiB/s':>9}"
-        f" {'ship/raw':>8} {'net':>5} {'sync s':>7}"
+        f" {'ship/raw':>8} {'net':>5} {'stream/raw':>10} {'fixed ms':>8} {'sync s':>7}"
     )
     rows = [head, "-" * len(head)]
     for c in cycles:
@@ -276,16 +306,20 @@ def table(cycles: Sequence[Cycle], summary: Mapping[str, Mapping[str, float | No
             continue
         rows.append(
             f"{c.link:5} {c.cycle:>5} {fmt(c.changed_bytes / MIB):>11} {fmt(c.wire_ratio, 3):>11} {fmt(c.ship_mib_s):>10}"
-            f" {fmt(c.raw_mib_s):>9} {fmt(c.speed_ratio, 2):>8} {fmt(c.speed_ratio_net, 2):>5} {fmt(c.total_s, 2):>7}"
+            f" {fmt(c.raw_mib_s):>9} {fmt(c.speed_ratio, 2):>8} {fmt(c.speed_ratio_net, 2):>5}"
+            f" {fmt(c.stream_ratio, 2):>10} {fmt(c.fixed_ms, 0):>8} {fmt(c.total_s, 2):>7}"
         )
     rows.append("-" * len(head))
     for link, s in summary.items():
         rows.append(
             f"{link:5} {'med':>5} {fmt(s['changed_mib_median']):>11} {fmt(s['wire_ratio_median'], 3):>11}"
             f" {fmt(s['ship_mib_s_median']):>10} {fmt(s['raw_mib_s_median']):>9} {fmt(s['speed_ratio_median'], 2):>8}"
-            f" {fmt(s['speed_ratio_net_median'], 2):>5}"
-            f" {fmt(s['sync_total_s_median'], 2):>7}"
+            f" {fmt(s['speed_ratio_net_median'], 2):>5} {fmt(s['stream_ratio_median'], 2):>10}"
+            f" {fmt(s['fixed_ms_median'], 0):>8} {fmt(s['sync_total_s_median'], 2):>7}"
         )
+    rows += ["", "phase medians, ms: " + ", ".join(PHASES)]
+    for link, s in summary.items():
+        rows.append(f"{link:5} " + " ".join(f"{fmt(s[f'{k}_ms_median'], 0):>7}" for k in PHASES))
     return "\n".join(rows)
 
 
@@ -312,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=5, help="delta cycles per link after the seed (default 5)")
     ap.add_argument("--disks", type=int, default=4)
     ap.add_argument("--size", type=int, default=64, help="disk size in MiB (default 64)")
+    ap.add_argument("--bs", type=int, default=4096, help="guest record size in bytes (default 4096; larger: more MiB/s)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ship.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -330,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         initrd=g.initrd,
         directory=labdom.lab_root() / name,
         rate=args.rate,
+        bs=args.bs,
     )
     scratch = Path(tempfile.mkdtemp(prefix="bench-ship-", dir="/var/tmp"))
     conn = lv.connect(URI)
@@ -368,7 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "started_utc": started,
         "finished_utc": datetime.now(UTC).isoformat(),
-        "params": {"rate": args.rate, "seconds": args.seconds, "cycles": args.cycles, "disks": args.disks, "size_mib": args.size},
+        "params": {
+            "rate": args.rate,
+            "bs": args.bs,
+            "seconds": args.seconds,
+            "cycles": args.cycles,
+            "disks": args.disks,
+            "size_mib": args.size,
+        },
         "scratch_on_lab_filesystem": same_fs,
         "guest_state_after": state,
         "summary": summary,
@@ -378,11 +421,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(
-        f"ship bench: {args.disks} disks x {args.size} MiB, guest {args.rate} records/s of 4 KiB, "
+        f"ship bench: {args.disks} disks x {args.size} MiB, guest {args.rate} records/s of {args.bs // 1024} KiB, "
         f"{args.seconds:g} s between cycles, {args.cycles} delta cycles per link"
     )
     print(table(cycles, summary))
     print("\nshipped/chg = bytes_shipped / changed_bytes; ship/raw = (changed_bytes / ship_s) / (changed_bytes / raw copy s)")
+    print(
+        "stream/raw = the same with the streaming phase only (first to last extent on the link); fixed ms = the whole"
+        " cycle minus the streaming (cut, qemu-img, staging, commit with fsync and sha256, fold)"
+    )
     print(
         "the ssh raw copy includes ssh's connection setup; net = ship/raw against the same copy through an open"
         f" ssh master connection (median {fmt(summary['ssh']['raw_mux_mib_s_median'])} MiB/s)"

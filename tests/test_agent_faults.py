@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,35 @@ def children_of(pid: int) -> list[str]:
             found.append(args)
             todo.append(p)
     return found
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process descended from ``pid``."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    kids: dict[int, list[tuple[int, str]]] = {}
+    for line in out.splitlines():
+        pid_s, ppid_s, cmd = line.split(None, 2)
+        kids.setdefault(int(ppid_s), []).append((int(pid_s), cmd))
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for p, args in kids.get(todo.pop(), []):
+            found[p] = args
+            todo.append(p)
+    return found
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """The pids still running (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if st != "Z":
+            out.append(pid)
+    return out
 
 
 def cgrep_processes(domain: str) -> list[str]:
@@ -389,20 +418,28 @@ def test_libvirtd_restarted_during_a_hold(
     pconn.close()
 
 
-def kill_in_hold(agent: subprocess.Popen[bytes], dom: libvirt.virDomain, deadline_s: float) -> float:
-    """Wait for the agent's cycle to pause the guest, SIGKILL the agent; returns ms from the pause to running again."""
+def kill_in_hold(agent: subprocess.Popen[bytes], dom: libvirt.virDomain, deadline_s: float) -> tuple[float, float]:
+    """Wait for the agent's cycle to pause the guest, SIGKILL the agent.
+
+    Returns (ms from the pause to running again, ms from the kill until every process the agent had started is
+    gone): the cycle dies with the agent (parent-death signal), its guardian resumes the guest and exits.
+    """
     t_end = time.monotonic() + 90
     while dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
         assert time.monotonic() < t_end, "the agent's cycle never paused the guest"
         assert agent.poll() is None, "the agent died"
         time.sleep(0.005)
     paused_at = time.monotonic()
+    kids = descendants(agent.pid)
     agent.send_signal(signal.SIGKILL)
     agent.wait()
+    killed_at = time.monotonic()
     while dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
         assert time.monotonic() - paused_at < deadline_s + 1, "guest still paused past the deadline + 1 s"
         time.sleep(0.005)
-    return 1000 * (time.monotonic() - paused_at)
+    resumed_ms = 1000 * (time.monotonic() - paused_at)
+    wait_for(f"the killed agent's processes to go ({kids})", lambda: not alive(kids), 10, every=0.01)
+    return resumed_ms, 1000 * (time.monotonic() - killed_at)
 
 
 def test_agent_sigkilled_during_a_hold_and_restarted(
@@ -416,6 +453,7 @@ def test_agent_sigkilled_during_a_hold_and_restarted(
     deadline_s = 2.0  # the sync default the agent uses
     slow_hold = {FAULT_HOLD_SLEEP_ENV: "1000"}  # every hold lasts over 1 s: wide enough to kill the agent inside one
     resumed: list[float] = []
+    gone: list[float] = []
     before: list[str] = []
     for round_ in ("first cycle", "later cycle"):
         agent = launch(agent_dir, vm.name, env=slow_hold)
@@ -423,10 +461,12 @@ def test_agent_sigkilled_during_a_hold_and_restarted(
             if round_ == "later cycle":
                 wait_for("a point", lambda: len(point_ids(target)) > 0, 120, every=0.5)
             before = point_ids(target)
-            resumed.append(kill_in_hold(agent, dom, deadline_s))
-            # the killed agent's cycle ends without committing (it finishes its hold, then fails on its first write to
-            # the dead agent's pipes); the guest runs on
-            wait_for("the orphaned cycle to end", lambda: not cgrep_processes(vm.name), 30)
+            r_ms, g_ms = kill_in_hold(agent, dom, deadline_s)
+            resumed.append(r_ms)
+            gone.append(g_ms)
+            # the killed agent's cycle died with it (parent-death signal) inside its hold, without committing; its
+            # guardian resumed the guest
+            assert not cgrep_processes(vm.name)
         finally:
             kill_agent(agent)
         assert point_ids(target) == before, f"the cycle interrupted in its hold ({round_}) must not commit"
@@ -445,7 +485,8 @@ def test_agent_sigkilled_during_a_hold_and_restarted(
     assert rc == 0
     k = kinds(agent_dir, vm.name)
     print(
-        f"SIGKILL in a hold: guest running {resumed[0]:.0f} / {resumed[1]:.0f} ms after the pause; "
+        f"SIGKILL in a hold: guest running {resumed[0]:.0f} / {resumed[1]:.0f} ms after the pause; the agent's "
+        f"processes gone {gone[0]:.0f} / {gone[1]:.0f} ms after the kill; "
         f"first point of the restarted agent after {resumed_s:.1f} s; alerts {k}"
     )
     assert is_running(conn, vm.name)
@@ -456,6 +497,43 @@ def test_agent_sigkilled_during_a_hold_and_restarted(
     assert_paired(k)  # the last kill may cost a (paired) violation: that cycle started late enough to just make the RPO
     assert r["failures"] == 0
     assert not cgrep_processes(vm.name)
+
+
+def test_agent_sigkilled_mid_cycle_leaves_no_child_holding_the_target(
+    conn: libvirt.virConnect, lab_vm: LabFactory, agent_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL after a cycle's commit, while it would sleep 60 s before folding (holding the target's lock).
+
+    Its sync child dies with the agent (parent-death signal) and the receiver with its link: the target is free at
+    once for a plain ``sync``, which folds what the killed cycle committed, and every point verifies.
+    """
+    vm = lab_vm(disks=2, tag="apds")
+    target = tmp_path / "replica"
+    cgrep("protect", vm.name, "--target", str(target), "--rpo", "20s", "--keep", "100")
+    agent = launch(agent_dir, vm.name, env={FAULT_BEFORE_FOLD_ENV: "60000"})
+    try:
+        committed = wait_for("the first commit", lambda: point_ids(target), 120, every=0.05)
+        kids = wait_for("the cycle's processes", lambda: descendants(agent.pid), 10)
+        assert any("replica.serve" in c for c in kids.values()), kids  # the receiver, holding the target
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        t0 = time.monotonic()
+        wait_for(f"the killed agent's processes to go ({kids})", lambda: not alive(kids), 10, every=0.01)
+        gone_s = time.monotonic() - t0
+        out = cgrep("sync", vm.name, "--target", str(target), "--set", vm.name, "--keep", "100", "--json")
+        sync_s = time.monotonic() - t0
+    finally:
+        kill_agent(agent)
+    print(
+        f"SIGKILL mid-cycle: the agent's {len(kids)} processes gone {1000 * gone_s:.0f} ms after the kill; a plain sync "
+        f"committed {sync_s:.1f} s after it"
+    )
+    assert json.loads(out.stdout)["parent"] == committed[-1]  # the killed cycle's committed point was kept
+    assert is_running(conn, vm.name)
+    chains = [len(d.chain) for d in disks_of(lv.live_xml(lv.lookup(conn, vm.name)))]
+    assert max(chains) <= 3, chains  # the killed cycle's frozen overlay was folded by the next one
+    wait_progress(vm.directory / "console.log", records=10)
+    verify_all(target)
 
 
 def test_guest_reset_and_destroyed_while_protected(

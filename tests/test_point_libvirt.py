@@ -19,7 +19,7 @@ from libvirt_cgrep.cli import run
 from libvirt_cgrep.core.model import Transaction
 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, disks_of
 from libvirt_cgrep.engine.point import FAULT_HOLD_SLEEP_ENV, take_point
-from libvirt_cgrep.errors import CutError
+from libvirt_cgrep.errors import EXIT_CODES, CutError, LibvirtError
 from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab.check import check_images
 from tests.conftest import URI, LabFactory, wait_progress
@@ -42,14 +42,24 @@ def point_json(name: str, *extra: str, env: dict[str, str] | None = None) -> sub
     )
 
 
-def run_points(conn: libvirt.virConnect, vm: labdom.LabDomain, fence: str, n: int) -> tuple[int, list[float]]:
+def run_points(
+    conn: libvirt.virConnect, vm: labdom.LabDomain, fence: str, n: int, *extra: str
+) -> tuple[int, list[float], list[str]]:
+    """``n`` points through the CLI, each checked; returns (consistent, holds in ms, failures: one line each)."""
     consistent = 0
     holds: list[float] = []
-    for _ in range(n):
+    failures: list[str] = []
+    for i in range(n):
         acked = wait_progress(vm.directory / "console.log", records=10)
         before = tops(conn, vm.name)
-        out = point_json(vm.name, "--fence", fence)
-        assert out.returncode == 0, out.stderr
+        out = point_json(vm.name, "--fence", fence, *extra)
+        if out.returncode != 0:
+            # a failed point leaves the guest running (on its old chain, or cut but reported failed,
+            # e.g. a hold past its deadline): counted with its one-line reason, and the run goes on
+            failures.append(f"point {i + 1}: exit {out.returncode}: {out.stderr.strip()}")
+            print(failures[-1])
+            assert labdom.get(conn, vm.name).state == "running"
+            continue
         res = json.loads(out.stdout)
         assert res["fence"] == fence and res["time_utc"].endswith("Z") and res["cut_ms"] > 0
         if fence == "suspend":
@@ -64,17 +74,31 @@ def run_points(conn: libvirt.virConnect, vm: labdom.LabDomain, fence: str, n: in
         verdict = check_images([Path(f) for f in frozen])
         assert verdict.max >= acked, "a record acknowledged before the point is missing from it"
         consistent += verdict.consistent
+        if n > 10 and (i + 1) % 10 == 0:  # progress of long runs
+            print(f"  {i + 1} points: {consistent} consistent, {len(failures)} failed{hold_stats(holds)}", flush=True)
     assert labdom.get(conn, vm.name).state == "running"
-    return consistent, holds
+    return consistent, holds, failures
+
+
+def hold_stats(holds: list[float]) -> str:
+    if not holds:
+        return ""
+    p95 = statistics.quantiles(holds, n=20, method="inclusive")[-1] if len(holds) > 1 else holds[0]
+    return f", hold median {statistics.median(holds):.1f} ms, p95 {p95:.1f} ms, max {max(holds):.1f} ms"
 
 
 @pytest.mark.parametrize("fence", ["none", "suspend"])
 def test_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, fence: str) -> None:
     vm = lab_vm(disks=4, tag=f"pt{fence}")
-    consistent, holds = run_points(conn, vm, fence, 10)
-    if holds:
-        print(f"fence suspend, 4 disks: hold median {statistics.median(holds):.1f} ms, max {max(holds):.1f} ms")
-    assert consistent == 10
+    consistent, holds, failures = run_points(conn, vm, fence, 10)
+    print(f"fence {fence}, 4 disks: {consistent}/10 consistent{hold_stats(holds)}")
+    assert not failures and consistent == 10
+
+
+#: The slow tier's hold deadline. The deadline is a safety cap (the guardian resumes the guest when it passes),
+#: not the consistency criterion: on a loaded shared TCG host one libvirt snapshot call can exceed the 2 s default
+#: (measured at load average 30-36 on 2 cores: holds of 12 s at 8 disks). 60 s is the longest --deadline allowed.
+SLOW_DEADLINE_MS = "60000"
 
 
 @pytest.mark.slow
@@ -82,12 +106,16 @@ def test_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, fen
 @pytest.mark.parametrize("fence", ["none", "suspend"])
 def test_hundred_points(conn: libvirt.virConnect, lab_vm: LabFactory, disks: int, fence: str) -> None:
     vm = lab_vm(disks=disks, size=32 << 20, tag=f"h{disks}{fence[0]}")
-    consistent, holds = run_points(conn, vm, fence, 100)
+    t0 = time.monotonic()
+    consistent, holds, failures = run_points(conn, vm, fence, 100, "--deadline", SLOW_DEADLINE_MS)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"{disks} disks, fence {fence}: {consistent}/100 consistent"
-        + (f", hold median {statistics.median(holds):.1f} ms" if holds else "")
+        f"\n{disks} disks, fence {fence}: {consistent}/100 consistent, {len(failures)} failed{hold_stats(holds)}, "
+        f"{time.monotonic() - t0:.0f} s, load {load}"
     )
-    assert consistent == 100
+    for f in failures:
+        print(f"  {f}")
+    assert not failures and consistent == 100
 
 
 def test_sigkill_during_hold_guardian_resumes(conn: libvirt.virConnect, lab_vm: LabFactory) -> None:
@@ -184,6 +212,30 @@ def test_failing_transaction_keeps_old_chain_and_loses_nothing(conn: libvirt.vir
     dom.create()
     scan = labdom.wait_for_scan(log)
     assert int(scan["max"]) >= last.seq and int(scan["holes"]) == 0
+
+
+class StaleDefinition(LibvirtBackend):
+    """The real backend, reading a persistent definition that still names the old images after the cut."""
+
+    state_at_confirm = ""
+
+    def confirm(self, txn: Transaction) -> None:
+        self.state_at_confirm = lv.state(self.dom)
+        super().confirm(txn)
+
+
+def test_definition_check_runs_after_resume(
+    conn: libvirt.virConnect, lab_vm: LabFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = lab_vm(disks=2, tag="conf")
+    stale = lv.persistent_xml(lv.lookup(conn, vm.name))
+    monkeypatch.setattr(lv, "persistent_xml", lambda dom: stale)
+    b = StaleDefinition(conn, vm.name, URI)
+    with pytest.raises(LibvirtError) as err:
+        take_point([b], fence="suspend")
+    assert "persistent definition" in str(err.value) and EXIT_CODES[type(err.value)] == 69
+    # the check ran after the resume, and the guest is running
+    assert b.state_at_confirm == "running" and lv.state(lv.lookup(conn, vm.name)) == "running"
 
 
 def test_refusals_change_nothing(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:

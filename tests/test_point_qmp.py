@@ -129,7 +129,7 @@ def bare_vm(tmp_path: Path, guest: GuestArtifacts) -> Iterator[VMFactory]:
         _wait_for(guardian, proc)
         vm = BareVM(proc, d, str(qmp), str(guardian), d / "console.log", tuple(images))
         if not paused:
-            wait_for_ack(vm.console, after=100, timeout=60)
+            wait_for_ack(vm.console, after=100, timeout=180)  # boot under TCG on a loaded host
         return vm
 
     yield make
@@ -427,6 +427,33 @@ def test_cli_point_with_suspend_fence(bare_vm: VMFactory) -> None:
     assert _running(vm.guardian)
     vm.progress()
     print(f"\nCLI point, 4 disks, fence suspend: fence_ms {res['fence_ms']:.1f}, cut_ms {res['cut_ms']:.1f}")
+
+
+def test_cli_chain_over_qmp(bare_vm: VMFactory) -> None:
+    """`chain --backend qmp --qmp SOCKET`: each disk's chain and whether it can be protected; it grows with a point."""
+    vm = bare_vm(disks=2, raw=True, paused=True, name="chainq")
+    argv = [sys.executable, "-m", "libvirt_cgrep", "chain", "--backend", "qmp", "--qmp", vm.qmp]
+
+    def chain_json() -> dict[str, Any]:
+        out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60, check=True)
+        doc: dict[str, Any] = json.loads(out.stdout)
+        return doc
+
+    before = chain_json()
+    assert (before["domain"], before["state"]) == ("chainq", "prelaunch")
+    by = {d["target"]: d for d in before["disks"]}
+    assert [by[t]["chain"] for t in ("vda", "vdb")] == [[str(p)] for p in vm.images]
+    assert not by["vdz"]["supported"] and "qcow2 is required" in by["vdz"]["reason"]
+    _query(vm.guardian, "cont")
+    point = [sys.executable, "-m", "libvirt_cgrep", "point", "--backend", "qmp", "--qmp", vm.qmp, "--disks", "vda,vdb", "--json"]
+    res = json.loads(subprocess.run(point, capture_output=True, text=True, timeout=120, check=True).stdout)
+    after = {d["target"]: d["chain"] for d in chain_json()["disks"]}
+    assert [after[d["target"]] for d in res["disks"]] == [[d["active_image"], d["frozen_image"]] for d in res["disks"]]
+    table = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert all(f"{d['active_image']} <- {d['frozen_image']}" in table for d in res["disks"]) and "no: raw image" in table
+    for bad in ([*argv, "somedomain"], [*argv, "--qmp", vm.guardian]):
+        out = subprocess.run(bad, capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 64 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_take_point_suspend_in_process(bare_vm: VMFactory, backends: list[QMPBackend]) -> None:

@@ -30,8 +30,66 @@ def test_next_start_leaves_room_for_the_whole_cycle() -> None:
     assert rpo.predict(()) == rpo.predict((1.0,)) == rpo.DEFAULT_PREDICTION
     g = rpo.GroupView(rpo=60, newest=T0, durations=(4.0, 10.0, 6.0))
     start = rpo.next_start(g, T0, margin=2.0)
-    assert start == T0 + timedelta(seconds=60 - rpo.SAFETY * 10.0 - 2.0)
+    # p90 of three is the slowest: 1.5 x 10 beats 1.25 x 10; headroom 15 % of 60 s
+    assert start == T0 + timedelta(seconds=60 - rpo.SAFETY * 10.0 - 0.15 * 60 - 2.0)
     assert rpo.next_start(rpo.GroupView(rpo=60, newest=None), T0, 2.0) == T0
+
+
+def test_prediction_is_a_high_quantile_and_a_spike_is_covered() -> None:
+    steady = (2.0,) * 19 + (9.0,)
+    assert rpo.predict(steady) == 2.0  # p90: one outlier in 20 does not move the quantile...
+    assert rpo.lead(steady, 60, 0.0) == rpo.SPIKE * 9.0 + 9.0  # ...but the slowest recent cycle still bounds the lead
+    tail = (2.0,) * 16 + (6.0, 6.0, 7.0, 7.0)
+    assert rpo.predict(tail) == 6.0 and rpo.lead(tail, 60, 1.0) == rpo.SAFETY * 6.0 + 9.0 + 1.0  # a heavy tail: p90 rules
+    assert rpo.predict([1.0, 2.0, 3.0, 4.0]) == 4.0  # a mean (2.5) would under-predict half the cycles
+    assert rpo.predict((100.0,) + (1.0,) * rpo.HISTORY) == 1.0  # only the recent history counts
+
+
+def test_headroom_is_a_capped_fraction_of_the_rpo() -> None:
+    assert rpo.headroom(5) == 0.75 and rpo.headroom(60) == 9.0
+    assert rpo.headroom(86400) == rpo.HEADROOM_MAX
+
+
+def test_short_rpo_runs_cycles_back_to_back() -> None:
+    g = rpo.GroupView(rpo=5, newest=T0, durations=(1.7, 1.8, 2.0, 1.6))
+    assert rpo.lead(g.durations, 5, 1.0) >= 5 - 0.3
+    # the last cycle committed more than 0.3 s after its cut: the next one is due as soon as it ended
+    assert rpo.next_start(g, T0 + timedelta(seconds=1.2), 1.0) <= T0 + timedelta(seconds=0.3)
+
+
+def simulate(rpo_s: float, durations: list[float], margin: float, pre_cut: float = 0.3) -> float:
+    """Replay a run of cycles with the scheduler's start rule; returns the oldest the newest point got (s).
+
+    Cycle n starts at max(its scheduled start, the end of cycle n-1), cuts ``pre_cut`` of its duration after its
+    start and commits at its end; until then the previous cut is the newest point.
+    """
+    newest = T0
+    end = T0
+    known: list[float] = []
+    worst = 0.0
+    for d in durations:
+        g = rpo.GroupView(rpo=rpo_s, newest=newest, durations=tuple(known))
+        start = max(rpo.next_start(g, end, margin), end)
+        end = start + timedelta(seconds=d)
+        worst = max(worst, (end - newest).total_seconds())
+        newest = start + timedelta(seconds=pre_cut * d)
+        known.append(d)
+    return worst
+
+
+def test_replayed_soak_spike_fits_in_the_rpo() -> None:
+    """The 30-min soak's miss: steady ~6 s cycles, then one took twice the recent maximum (RPO 60 s, margin 1 s)."""
+    trace = [5.0, 6.0, 5.5, 6.5, 6.0, 5.8, 6.2, 6.0, 13.0, 6.0]
+    worst = simulate(60, trace, 1.0)
+    assert worst <= 60, worst
+    # the old rule (1.5 x the slowest of the last 5, no headroom) missed it: 60 - 1.5 x 6.5 - 1 = 49.25 s before a 13 s cycle
+    assert 60 - 1.5 * 6.5 - 1.0 + 13.0 > 60
+
+
+def test_replayed_short_rpo_is_held_by_back_to_back_cycles() -> None:
+    """RPO 5 s with 1.6-2.0 s cycles: back to back, the newest point's age stays near cut-to-commit + one cycle."""
+    trace = [1.7, 1.8, 2.0, 1.6, 1.9, 1.7, 2.0, 1.8] * 5
+    assert simulate(5, trace, 1.0) < 4.0
 
 
 def test_backoff_never_exceeds_rpo_unless_failure_persists() -> None:
@@ -93,3 +151,14 @@ def test_protection_roundtrip_and_validation() -> None:
     for bad in ({"rpo": 0}, {"group": "a/b"}, {"fence": "freeze"}, {"keep": 0}):
         with pytest.raises(UsageError):
             prot.Protection(**{"target": "/x", "rpo": 60, **bad})  # type: ignore[arg-type]
+
+
+def test_bench_compliance_stops_at_the_end_of_the_run() -> None:
+    """bench/rpo.py's compliance: a commit after the run's end (the agent stopping) must not stretch the run."""
+    from bench.rpo import Commit, compliance
+
+    commits = [Commit(0.0, 2.0), Commit(4.0, 6.0), Commit(30.0, 40.0)]  # the last one commits after the end (20)
+    c = compliance(commits, 5.0, 20.0)
+    assert c is not None and c.seconds == 18.0
+    assert c.violated_s == (6.0 - 5.0) + (20.0 - 9.0) and 0 <= c.fraction <= 1  # from cut + 5 s to the next commit or the end
+    assert c.max_age_s == 16.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import libvirt
@@ -110,15 +112,29 @@ def test_hundred_cycles(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: 
     target = str(tmp_path / "replica")
     consistent = 0
     lengths: list[int] = []
-    for _ in range(100):
+    fulls: list[int] = []
+    totals: list[float] = []
+    t0 = time.monotonic()
+    for i in range(100):
         acked = wait_progress(vm.directory / "console.log", records=10)
         res = json.loads(cli("sync", vm.name, "--target", target, "--keep", "10", "--json").stdout)
+        totals.append(res["total_s"])
+        if i and any(d["full"] for d in res["disks"]):
+            fulls.append(i)
         lengths.append(max(chain_lengths(conn, vm.name)))
         v = json.loads(cli("verify", target, "--point", res["point_id"], "--write-order", "--json").stdout)[0]
-        consistent += v["ok"] and v["write_order"]["consistent"] and v["write_order"]["max"] >= acked
-    print(f"100 cycles at 4 disks: {consistent}/100 consistent and fresh; primary chain length max {max(lengths)}")
-    assert consistent == 100
+        ok = v["ok"] and v["write_order"]["consistent"] and v["write_order"]["max"] >= acked
+        if not ok:
+            print(f"cycle {i}: NOT consistent and fresh: {v}")
+        consistent += ok
+    print(
+        f"\n100 cycles at 4 disks: {consistent}/100 consistent and fresh; primary chain length max {max(lengths)}, "
+        f"last {lengths[-1]}; full resyncs after the seed: {fulls}; cycle median {statistics.median(totals):.2f} s, "
+        f"max {max(totals):.2f} s; {time.monotonic() - t0:.0f} s, load {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    assert consistent == 100 and not fulls
     assert max(lengths) <= 3 and lengths[-1] == lengths[10]
+    assert len(json.loads(cli("points", target, "--json").stdout)) == 10
 
 
 def test_two_targets_alternately_stay_consistent(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:

@@ -11,13 +11,15 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from libvirt_cgrep.errors import NotFoundError
 
 DEFAULT_STATE_DIR = Path("/var/lib/libvirt-cgrep")
+#: A group's unchanged row is rewritten this often (s), so ``status`` sees the agent alive (it warns after 30 s).
+HEARTBEAT = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (
@@ -81,6 +83,29 @@ class GroupRow:
     last_duration: float | None
     last_bytes: int | None
     updated: float
+    #: each member's state (running, paused, shutoff, missing), in the order of ``members``
+    member_states: tuple[str, ...] = ()
+
+
+def _members_json(row: GroupRow) -> str:
+    return json.dumps({"names": list(row.members), "states": list(row.member_states)})
+
+
+def _members_parse(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The members column: a list of names (older agents) or names and states."""
+    v = json.loads(text)
+    if isinstance(v, list):
+        return tuple(v), ()
+    return tuple(v["names"]), tuple(v.get("states", ()))
+
+
+_KEY_FIELDS = tuple(f.name for f in fields(GroupRow) if f.name not in ("updated", "next_run"))
+
+
+def _unchanged_key(row: GroupRow) -> tuple[object, ...]:
+    """What makes a row worth writing: all but ``updated``; a next run already due is just "due"."""
+    due = row.next_run is not None and row.next_run <= row.updated
+    return (*(getattr(row, f) for f in _KEY_FIELDS), -1.0 if due else row.next_run)
 
 
 class StateDB:
@@ -91,6 +116,7 @@ class StateDB:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self.conn = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+        self._written: dict[str, tuple[tuple[object, ...], float]] = {}
         if not readonly:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -100,7 +126,13 @@ class StateDB:
     def close(self) -> None:
         self.conn.close()
 
-    def upsert_group(self, row: GroupRow) -> None:
+    def upsert_group(self, row: GroupRow) -> bool:
+        """Write a group's row if it changed (``updated`` aside) or every :data:`HEARTBEAT` s; True if written."""
+        key = _unchanged_key(row)
+        last = self._written.get(row.name)
+        if last is not None and last[0] == key and row.updated - last[1] < HEARTBEAT:
+            return False
+        self._written[row.name] = (key, row.updated)
         self.conn.execute(
             "INSERT INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
             "members=excluded.members, target=excluded.target, rpo=excluded.rpo, state=excluded.state, "
@@ -109,7 +141,7 @@ class StateDB:
             "last_bytes=excluded.last_bytes, updated=excluded.updated",
             (
                 row.name,
-                json.dumps(list(row.members)),
+                _members_json(row),
                 row.target,
                 row.rpo,
                 row.state,
@@ -123,14 +155,20 @@ class StateDB:
                 row.updated,
             ),
         )
+        return True
 
     def drop_groups_except(self, names: Sequence[str]) -> None:
         marks = ",".join("?" for _ in names) or "''"
         self.conn.execute(f"DELETE FROM groups WHERE name NOT IN ({marks})", list(names))
+        self._written = {k: v for k, v in self._written.items() if k in names}
 
     def groups(self) -> list[GroupRow]:
         rows = self.conn.execute("SELECT * FROM groups ORDER BY name").fetchall()
-        return [GroupRow(r[0], tuple(json.loads(r[1])), *r[2:]) for r in rows]
+        out = []
+        for r in rows:
+            names, states = _members_parse(r[1])
+            out.append(replace(GroupRow(r[0], names, *r[2:]), member_states=states))
+        return out
 
     def add_cycle(
         self,

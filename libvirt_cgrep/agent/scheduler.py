@@ -6,11 +6,16 @@ Guarantees:
 - each group's next cycle is started by the RPO maths of ``core.rpo``; at
   most ``concurrency`` cycles run at once and one group's failure or slowness
   never delays another's schedule (each group is scheduled independently);
-- every cycle is a ``virt-cgrep sync`` child process: if the agent dies or is
+- every cycle is a ``virt-cgrep sync`` child process (``agent.worker``): if the agent dies or is
   stopped, the child dies too and its guardian resumes any held guest, and
   the target's commit rule keeps every point whole;
 - alerts are raised on state edges only (``rpo-violated``/``rpo-restored``
   always paired, ``rpo-at-risk``), recorded in the state DB and delivered;
+- a group is one unit: its cycle cuts every member under one fence, and a
+  member that is shut off, paused or missing (declared in the members'
+  metadata but not found) fails the group's cycle with a clear error and a
+  ``group-blocked`` alert (paired with ``group-unblocked``): never a partial
+  group point. ``virt-cgrep unprotect MEMBER`` takes a member out;
 - it reconnects to libvirtd by itself and learns changes from domain and
   metadata events, from the hooks' spool, and from a periodic rescan.
 """
@@ -21,8 +26,6 @@ import contextlib
 import json
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.agent import worker
 from libvirt_cgrep.agent.alerts import Alert, AlertSink
 from libvirt_cgrep.agent.config import AgentConfig
 from libvirt_cgrep.agent.db import GroupRow, StateDB
@@ -75,6 +79,22 @@ class GroupSpec:
     protection: prot.Protection
     member_states: tuple[str, ...]
     problem: str | None = None
+    #: declared members (protect --group) whose domain or protection is not found
+    missing: tuple[str, ...] = ()
+
+    def blocked(self) -> str | None:
+        """Why a cycle of this group cannot run now (None: it can)."""
+        if self.problem:
+            return self.problem
+        if self.missing:
+            return (
+                f"member {', '.join(self.missing)} of group {self.name} is missing (undefined, or its protection "
+                "was removed other than by 'virt-cgrep unprotect'): no partial group point"
+            )
+        down = [f"{m} is {s}" for m, s in zip(self.members, self.member_states, strict=True) if s != "running"]
+        if down and not all(s == "shutoff" for s in self.member_states):
+            return f"member {', '.join(down)}: no partial group point"
+        return None
 
 
 @dataclass
@@ -95,6 +115,7 @@ class Runtime:
     durations: list[float] = field(default_factory=list)
     next_run: datetime | None = None
     reprobe: bool = False
+    blocked: str | None = None
 
 
 class Agent:
@@ -108,17 +129,22 @@ class Agent:
         self.groups: dict[str, Runtime] = {}
         self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="cycle")
         self.running_cycles = 0
-        self.children: set[subprocess.Popen[str]] = set()
-        self.children_lock = threading.Lock()
+        self.runner = worker.Runner()
         self.conn: libvirt.virConnect | None = None
         self.disconnected_since: float | None = None
-        self.dirty = threading.Event()
+        self.wake = threading.Event()  # the loop's sleep ends early: a cycle or probe ended, or a rescan is due
+        self.dirty = _Flag(self.wake)
         self.stopping = False
         self.reload = False
         self.last_scan = 0.0
+        self.watched: frozenset[str] = frozenset()  # members of protected groups (their lifecycle events rescan)
         # A violation an earlier run raised (then was killed or stopped) stays open: its rpo-restored is still owed.
         self.open_violations = {g.name for g in db.groups() if g.state == "violated"}
         self.metrics: Any = None
+        from libvirt_cgrep.agent.continuous import SIDECAR, Continuous
+        from libvirt_cgrep.agent.db import state_dir
+
+        self.continuous = Continuous(self, (Path(cfg.state_dir) if cfg.state_dir else state_dir()) / SIDECAR)
 
     # ------------------------------------------------------------ libvirt
     def _connect(self) -> bool:
@@ -139,7 +165,7 @@ class Agent:
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(2, 3)
         mark = lambda *a: self.dirty.set()  # noqa: E731
-        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, mark, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, mark, None)
         conn.registerCloseCallback(lambda *a: self.dirty.set(), None)
@@ -168,7 +194,10 @@ class Agent:
             except CgrepError as exc:
                 problems[name] = str(exc)
                 continue
-            st = dom.state()[0]
+            try:
+                st = dom.state()[0]
+            except libvirt.libvirtError:  # undefined since the listing: not a broken connection, skip it
+                continue
             state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(st, "shutoff")
             gname = p.group or name
             if self.cfg.only and gname not in self.cfg.only:
@@ -181,11 +210,20 @@ class Agent:
             problem = None
             if any((m[1].target, m[1].rpo, m[1].fence) != (first.target, first.rpo, first.fence) for m in ms):
                 problem = "members disagree on target, RPO or fence"
-            specs[gname] = GroupSpec(gname, tuple(m[0] for m in ms), first, tuple(m[2] for m in ms), problem)
+            elif len(ms) > 1 and first.fence != "suspend":
+                problem = "a group of several domains needs fence suspend"
+            found = tuple(m[0] for m in ms)
+            declared = {d for m in ms for d in m[1].members} if first.group else set()
+            missing = tuple(sorted(declared - set(found)))
+            specs[gname] = GroupSpec(gname, found, first, tuple(m[2] for m in ms), problem, missing)
         for gname, spec in specs.items():
             rt = self.groups.get(gname)
             if rt is None:
-                self.groups[gname] = Runtime(spec, state="violated" if gname in self.open_violations else "unknown")
+                self.groups[gname] = Runtime(
+                    spec,
+                    state="violated" if gname in self.open_violations else "unknown",
+                    durations=self.db.durations(gname, rpo.HISTORY),  # a restarted agent predicts from its history
+                )
                 self.open_violations.discard(gname)
                 log.info(
                     "protecting %s: %s -> %s, RPO %s",
@@ -206,24 +244,20 @@ class Agent:
         for name, why in problems.items():
             log.warning("%s: %s", name, why)
         self.last_scan = time.monotonic()
+        self.watched = frozenset(m for rt in self.groups.values() for m in rt.spec.members)
+
+    def _on_lifecycle(self, conn: object, dom: libvirt.virDomain, event: int, detail: int, opaque: object) -> None:
+        """Rescan for a domain defined or undefined, or a protected one changing state: not for other guests' starts
+        and stops (on a busy host a full rescan per event kept the loop from starting cycles for seconds)."""
+        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) or dom.name() in self.watched:
+            self.dirty.set()
 
     # ------------------------------------------------------------ children
     def _child(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with self.children_lock:
-            self.children.add(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finally:
-            with self.children_lock:
-                self.children.discard(proc)
-        return proc.returncode, out, err
+        return self.runner.run(argv, timeout)  # see agent.worker: pre-imported, dies with the agent
 
     def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "libvirt_cgrep", "-c", self.cfg.uri]
+        return ["-c", self.cfg.uri]
 
     def _probe(self, spec: GroupSpec) -> dict[str, Any]:
         rc, out, err = self._child([*self._cli(), "points", first_target(spec), "--set", spec.name, "--json"], 120)
@@ -267,7 +301,8 @@ class Agent:
         for rt in self.groups.values():
             self._collect(rt, now)
             spec = rt.spec
-            paused = all(s == "shutoff" for s in spec.member_states)
+            owned = spec.protection.mode == "continuous" and rt.known and self.continuous.owns(rt, now)
+            paused = all(s == "shutoff" for s in spec.member_states) and not spec.missing
             view = rpo.GroupView(
                 rpo=spec.protection.rpo,
                 newest=rt.newest_time,
@@ -279,30 +314,56 @@ class Agent:
             )
             if not rt.known and rt.probe is None and not self.stopping:
                 rt.probe = self.pool.submit(self._probe, spec)
+                rt.probe.add_done_callback(lambda f: self.wake.set())
             state = rpo.classify(view, now) if rt.known else "unknown"
             if rt.known and state not in ("violated", "paused") and rt.failures:
                 state = "error" if state == "ok" else state
             if rt.known:  # no edge out of an inherited state before the newest point is known
                 self._transition(rt, state, now)
             rt.next_run = rpo.next_start(view, now, self.cfg.margin)
-            due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping
-            blocked = spec.problem or (
-                "member "
-                + ", ".join(m for m, s in zip(spec.members, spec.member_states, strict=True) if s != "running")
-                + " is not running: no partial group point"
-                if any(s != "running" for s in spec.member_states) and not paused
-                else None
-            )
+            due = rt.known and not paused and rt.future is None and rt.next_run <= now and not self.stopping and not owned
+            # (judged only between cycles: our own cycle pauses the members during its hold)
+            blocked = None if paused else spec.blocked()
+            if rt.future is None and blocked is None and rt.blocked is not None:
+                self._unblocked(rt, now)
             if due and blocked:
-                if rt.last_error != blocked:
-                    log.warning("%s: %s", spec.name, blocked)
-                rt.last_error = blocked
+                self._blocked_cycle(rt, blocked, now)
                 due = False
             if due and self.running_cycles < self.cfg.concurrency:
                 self.running_cycles += 1
                 rt.running_since = now
                 rt.future = self.pool.submit(self._cycle, spec)
+                rt.future.add_done_callback(lambda f: self.wake.set())  # the next cycle may start at once
             self._save(rt, now)
+
+    def _unblocked(self, rt: Runtime, now: datetime) -> None:
+        """``group-unblocked``: every member can be cut again (paired with the ``group-blocked`` before it)."""
+        if rt.last_error == rt.blocked:  # the failures were the blocking: its cause is gone, start at once
+            rt.failures, rt.last_failure, rt.last_error = 0, None, None
+        rt.blocked = None
+        self._alert(rt, "group-unblocked", f"every member of {rt.spec.name} can be cut again: group cycles resume", now)
+
+    def _blocked_cycle(self, rt: Runtime, blocked: str, now: datetime) -> None:
+        """A due cycle of a blocked group fails at once (no child, nothing held): counted, recorded, backed off.
+
+        The first one raises ``group-blocked``.
+        """
+        if rt.blocked is None:
+            self._alert(rt, "group-blocked", blocked, now)
+        rt.blocked = blocked
+        log.warning("%s: cycle failed (%d in a row): %s", rt.spec.name, rt.failures + 1, blocked)
+        rt.failures += 1
+        rt.last_failure = now
+        rt.last_error = blocked
+        t = now.timestamp()
+        self.db.add_cycle(
+            rt.spec.name, started=t, ended=t, ok=False, point_id=None, nbytes=None, changed=None, hold_ms=None, error=blocked
+        )
+        self._observe(rt.spec.name, 0.0, 0, ok=False)
+
+    def _alert(self, rt: Runtime, kind: str, msg: str, now: datetime) -> None:
+        self.db.add_alert(rt.spec.name, kind, now.timestamp(), msg)
+        self.sink.deliver(Alert(kind, rt.spec.name, rt.state, msg, now))
 
     def _collect(self, rt: Runtime, now: datetime) -> None:
         if rt.probe is not None and rt.probe.done():
@@ -391,7 +452,7 @@ class Agent:
         self.db.upsert_group(
             GroupRow(
                 name=rt.spec.name,
-                members=rt.spec.members,
+                members=rt.spec.members + rt.spec.missing,
                 target=first_target(rt.spec),
                 rpo=float(rt.spec.protection.rpo),
                 state=rt.state,
@@ -403,6 +464,7 @@ class Agent:
                 last_duration=rt.last_duration,
                 last_bytes=rt.last_bytes,
                 updated=now.timestamp(),
+                member_states=rt.spec.member_states + ("missing",) * len(rt.spec.missing),
             )
         )
         if self.metrics is not None:
@@ -443,6 +505,7 @@ class Agent:
             "violations": pc.Counter("cgrep_rpo_violations", "RPO violations", ["group"], registry=reg),
             "failures": pc.Counter("cgrep_cycle_failures", "Failed cycles", ["group"], registry=reg),
         }
+        self.continuous.metrics(reg)
         pc.start_http_server(int(port), addr=host or "127.0.0.1", registry=reg)
         log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
 
@@ -468,6 +531,7 @@ class Agent:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.start_metrics()
+        self.runner.start_server()
         while not self.stopping:
             if self._connect() and (self.dirty.is_set() or time.monotonic() - self.last_scan > self.cfg.rescan):
                 self.dirty.clear()
@@ -488,8 +552,15 @@ class Agent:
             self.tick()
             if self.conn is None:
                 self.dirty.clear()  # no rescan without libvirtd (reconnecting marks it again): do not spin
-            self.dirty.wait(self.cfg.tick)
+            self.wake.wait(self._sleep_s())
+            self.wake.clear()
         return self._shutdown()
+
+    def _sleep_s(self) -> float:
+        """Until the next tick, or the earliest scheduled cycle start if sooner."""
+        now = _now()
+        due = [(rt.next_run - now).total_seconds() for rt in self.groups.values() if rt.next_run and rt.future is None]
+        return max(0.0, min([self.cfg.tick, *[d for d in due if d > 0]]))
 
     def _on_stop(self, signum: int, frame: object) -> None:
         log.info("signal %d: finishing running cycles (up to %.0f s), then stopping", signum, self.cfg.stop_timeout)
@@ -502,19 +573,31 @@ class Agent:
         self.dirty.set()
 
     def _shutdown(self) -> int:
+        self.continuous.stop()
         end = time.monotonic() + self.cfg.stop_timeout
         while any(rt.future is not None for rt in self.groups.values()) and time.monotonic() < end:
             time.sleep(0.1)
             for rt in self.groups.values():
                 self._collect(rt, _now())
         self.tick()  # the finished cycles' edges (rpo-restored) and states, before going: nothing new starts now
-        with self.children_lock:
-            for proc in list(self.children):
-                log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signal.SIGTERM)
+        for proc in self.runner.live():
+            log.warning("abandoning a running cycle (pid %d): its guardian resumes any held guest", proc.pid)
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
         return 0
+
+
+class _Flag(threading.Event):
+    """An event that also wakes the agent's loop when set."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
 
 
 def first_target(spec: GroupSpec) -> str:

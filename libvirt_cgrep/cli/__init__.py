@@ -28,13 +28,17 @@ never changes a domain's backing chain behind libvirt's back.
 EPILOG = """\
 verbs:
   point DOMAIN...         take a write-order-consistent point: one transaction per domain
+                          (several domains or --group G: one group point, --fence suspend)
   chain DOMAIN            show each disk's backing chain and whether it can be protected
+                          (bare QEMU: chain --backend qmp --qmp SOCKET)
   sync DOMAIN... --target T   one cycle: cut, ship changed clusters, commit atomically, fold, prune
   points T                list the committed recovery points on a target
   verify T                re-check checksums and chains (--write-order: the lab checker)
   receive PATH            the replica side of a stream (run by sync, locally or over ssh)
+  continuous DOMAIN... --target T --interval 1m   RPO 0: mirrors to a replica-side daemon, points cut there
   protect DOMAIN --target T --rpo 5m   store protection in the domain's metadata
-  unprotect DOMAIN        remove it
+  protect A B --group G --target T --rpo 5m   protect several domains as ONE group (one cut, one RPO)
+  unprotect DOMAIN        remove it (and take it out of its group)
   agent                   the RPO scheduler (long-running; see 'virt-cgrep agent --help')
   status                  RPO state of every protected group (ok, at-risk, violated, paused, error)
   history GROUP           recent cycles and alerts of a group
@@ -58,11 +62,14 @@ verbs:
   Every read verb takes --json for machine-readable output on stdout.
 
 guest pauses:
-  Only 'point --fence suspend' pauses guests: from the pause to the resume,
-  about as long as libvirt's snapshot call (~50-150 ms for 2-8 disks under
-  TCG), never longer than --deadline (a guardian process resumes them).
-  'point --fence none' (the default) never pauses: QEMU drains the disks for
-  the few ms of the transaction. The lab's checks only read images.
+  Only --fence suspend pauses guests (point, sync, and every group: a
+  group's points always use it): from the pause to the resume, about as long
+  as libvirt's snapshot call (~50-150 ms for 2-8 disks under TCG; a group of
+  2-3 VMs ~1.1-1.5x that, all members at once, see docs/operations-hold.md),
+  never longer than --deadline (a guardian process resumes them).
+  --fence none (the default for one domain) never pauses: QEMU drains the
+  disks for the few ms of the transaction. A pause-free group cut comes with
+  the continuous mode. The lab's checks only read images.
 
 exit status:
 {exit_table}
@@ -74,6 +81,8 @@ environment:
   CGREP_STATE_DIR         agent state (default /var/lib/libvirt-cgrep)
   CGREP_SSH_CONFIG        ssh_config file for ssh:// targets (ssh -F)
   CGREP_REMOTE_CMD        the receiver command on ssh:// targets (default virt-cgrep)
+  CGREP_RUN_DIR           continuous mode: where NBD sockets live (default the temp dir; QEMU's user must reach it)
+  CGREP_CONTINUOUS_RETRY_S  agent: seconds before a degraded continuous mode is retried (default 30)
 
 files:
   /var/lib/libvirt-cgrep/lab/NAME/     a lab domain's disks and console.log
@@ -84,6 +93,8 @@ files:
 examples:
   virt-cgrep point db1 --json
   virt-cgrep point db1 --fence suspend --deadline 500 --disks vda,vdb
+  virt-cgrep protect db1 web1 --group app1 --target ssh://dr/srv/replica --rpo 5m
+  virt-cgrep sync --group app1 --target /srv/replica --fence suspend
   virt-cgrep chain db1
   virt-cgrep lab build
   virt-cgrep lab up db1 --disks 4 --size 64M
@@ -127,7 +138,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libvirt_cgrep.cli import agent, engine, hooks, lab, recovery, replica
+    from libvirt_cgrep.cli import agent, continuous, engine, hooks, lab, recovery, replica
 
     p = _Parser(
         prog=PROG,
@@ -149,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine.register(sub)
     replica.register(sub)
+    continuous.register(sub)
     agent.register(sub)
     hooks.register(sub)
     recovery.register(sub)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from libvirt_cgrep.cli.output import emit_json, print_table
 from libvirt_cgrep.core import protection as prot
 from libvirt_cgrep.core import rpo
 from libvirt_cgrep.core.names import parse_count, validate_name
-from libvirt_cgrep.errors import EXIT_OK, NotFoundError
+from libvirt_cgrep.errors import EXIT_OK, CgrepError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica.link import parse_target
 
 AGENT_HELP = """\
@@ -24,8 +25,13 @@ It protects every domain whose metadata carries a <protection> element (set
 with 'virt-cgrep protect'), one group at a time per group name (a domain
 without a group is its own group). Each group's next cycle ('virt-cgrep sync'
 as a child process) starts early enough that the newest committed point never
-gets older than the RPO. Alerts: rpo-violated / rpo-restored (paired) and
-rpo-at-risk, to the log, a JSON-lines file and an optional command.
+gets older than the RPO. A group ('protect A B --group G') is one unit: one
+cycle cuts every member under one suspend fence (each member is paused for
+about one snapshot call) and commits one point for all of them; a member that
+is shut off, paused or missing fails the cycle (no partial group point) until
+it runs again or is taken out with 'virt-cgrep unprotect'. Alerts:
+rpo-violated / rpo-restored (paired), rpo-at-risk, group-blocked /
+group-unblocked (paired), to the log, a JSON-lines file and an optional command.
 
 signals:
   SIGTERM, SIGINT  finish running cycles (up to stop_timeout), then stop; a cycle
@@ -38,27 +44,39 @@ signals:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "protect",
-        help="protect a domain: store its protection in the domain's metadata",
-        description="Store protection settings in DOMAIN's metadata (live and persistent). "
-        "The agent picks them up. Nothing is written when any value is invalid.",
+        help="protect domains: store their protection in the domains' metadata",
+        description="Store protection settings in each DOMAIN's metadata (live and persistent). "
+        "The agent picks them up. Several domains form one consistency group (--group NAME): the agent "
+        "cuts them as one unit (--fence suspend pauses them all for the cut) with one RPO, and a member "
+        "that is shut off or missing blocks the group until it runs again or is unprotected. "
+        "Nothing is written when any value is invalid.",
     )
-    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN")
     p.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
-    p.add_argument("--rpo", required=True, help="recovery point objective: 30s, 5m, 1h, 1d")
-    p.add_argument("--group", metavar="NAME", help="consistency group (default: the domain alone)")
+    p.add_argument(
+        "--rpo", help="recovery point objective: 30s, 5m, 1h, 1d (continuous mode: of its snapshot fallback, default 5m)"
+    )
+    p.add_argument("--mode", choices=prot.MODES, default="snapshot", help="snapshot (default) or continuous (mirrors, RPO 0)")
+    p.add_argument("--interval", default="1m", metavar="DUR", help="continuous mode: time between points (default 1m)")
+    p.add_argument(
+        "--replica-timeout", default="5s", metavar="DUR", help="continuous mode: longest guest write wait (default 5s)"
+    )
+    p.add_argument("--group", metavar="NAME", help="consistency group; added to its members (default: the domain alone)")
     p.add_argument("--keep", default="24", metavar="N", help="keep the newest N points (default 24)")
     p.add_argument("--keep-hourly", default="0", metavar="N")
     p.add_argument("--keep-daily", default="0", metavar="N")
-    p.add_argument("--fence", choices=prot.FENCES, default="none")
+    p.add_argument("--fence", choices=prot.FENCES, default=None, help="none, or suspend (default: suspend for a group)")
     p.add_argument("--app-consistent", action="store_true", help="quiesce through the guest agent (recorded; not yet used)")
     p.set_defaults(func=cmd_protect)
 
     u = sub.add_parser(
         "unprotect",
-        help="remove a domain's protection",
-        description="Remove our protection element from DOMAIN's metadata. Replicas stay on the target.",
+        help="remove domains' protection (and their group membership)",
+        description="Remove our protection element from each DOMAIN's metadata and the domain from its group: "
+        "the group's other members are cut without it from then on. A member whose domain no longer exists "
+        "is removed from its group by name. Replicas stay on the target.",
     )
-    u.add_argument("domain", metavar="DOMAIN")
+    u.add_argument("domains", nargs="+", metavar="DOMAIN")
     u.set_defaults(func=cmd_unprotect)
 
     a = sub.add_parser(
@@ -91,46 +109,149 @@ def register(sub: Any) -> None:
     h.set_defaults(func=cmd_history)
 
 
+def _write(dom: libvirt.virDomain, name: str, p: prot.Protection | None) -> None:
+    """Set (or with None remove) our element, live and persistent."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+    if p is None:
+        lv.call(
+            f"removing metadata of {name!r}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, prot.NS, flags
+        )
+    else:
+        what = f"writing metadata of {name!r}"
+        lv.call(what, dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, p.to_xml(), prot.PREFIX, prot.NS, flags)
+
+
+def _protected(conn: libvirt.virConnect) -> dict[str, tuple[libvirt.virDomain, prot.Protection]]:
+    """Every defined domain carrying a readable protection element, by name."""
+    out: dict[str, tuple[libvirt.virDomain, prot.Protection]] = {}
+    for dom in lv.call("listing domains", conn.listAllDomains, 0):
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            out[dom.name()] = (dom, prot.from_xml(xml))
+        except (libvirt.libvirtError, CgrepError):
+            continue
+    return out
+
+
+def _leave(found: dict[str, tuple[libvirt.virDomain, prot.Protection]], group: str, gone: set[str]) -> list[str]:
+    """Drop ``gone`` from the declared members of ``group``'s other members; return who was rewritten."""
+    done = []
+    for n, (dom, p) in sorted(found.items()):
+        if p.group == group and n not in gone and set(p.members) & gone:
+            _write(dom, n, replace(p, members=tuple(m for m in p.members if m not in gone)))
+            done.append(n)
+    return done
+
+
+def group_members(conn: libvirt.virConnect, group: str) -> list[str]:
+    """The members of protection group ``group``; StateError if a declared member is missing."""
+    found = {n: q for n, (_, q) in _protected(conn).items() if q.group == group}
+    if not found:
+        raise NotFoundError(f"no protected domain is in group {group!r}")
+    missing = sorted({m for q in found.values() for m in q.members} - set(found))
+    if missing:
+        raise StateError(
+            f"member {', '.join(missing)} of group {group!r} is missing: no partial group point "
+            "('virt-cgrep unprotect' takes a member out of its group)"
+        )
+    return sorted(found)
+
+
 def cmd_protect(args: argparse.Namespace) -> int:
-    name = validate_name(args.domain, "domain name")
+    names = [validate_name(d, "domain name") for d in args.domains]
+    if len(set(names)) != len(names):
+        raise UsageError("a domain is named twice")
+    group = validate_name(args.group, "group name") if args.group else None
+    if len(names) > 1 and group is None:
+        raise UsageError("several domains are protected as one consistency group: give --group NAME")
     target = parse_target(args.target)
+    if args.rpo is None and args.mode != "continuous":
+        raise UsageError("--rpo is required (snapshot mode)")
     p = prot.Protection(
         target=str(target),
-        rpo=rpo.parse_duration(args.rpo),
-        group=validate_name(args.group, "group name") if args.group else None,
+        rpo=rpo.parse_duration(args.rpo or "5m"),
+        mode=args.mode,
+        interval=rpo.parse_duration(args.interval, "--interval", 1, 86400),
+        replica_timeout=rpo.parse_duration(args.replica_timeout, "--replica-timeout", 1, 600),
+        group=group,
         keep=parse_count(args.keep, "--keep", 0, 100_000),
         keep_hourly=parse_count(args.keep_hourly, "--keep-hourly", 0, 100_000),
         keep_daily=parse_count(args.keep_daily, "--keep-daily", 0, 100_000),
-        fence=args.fence,
+        fence=args.fence or ("suspend" if group else "none"),
         app_consistent=args.app_consistent,
     )
-    dom = lv.lookup(lv.connect(args.connect), name)
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-    lv.call(
-        f"writing metadata of {name!r}",
-        dom.setMetadata,
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        p.to_xml(),
-        prot.PREFIX,
-        prot.NS,
-        flags,
+    if group and p.fence != "suspend":
+        raise UsageError("a group is one consistent cut only while all its members are held: use --fence suspend")
+    conn = lv.connect(args.connect)
+    doms = [lv.lookup(conn, n) for n in names]  # every domain exists before anything is written
+    found = _protected(conn)
+    members: tuple[str, ...] = ()
+    others: list[tuple[str, libvirt.virDomain, prot.Protection]] = []
+    if group:
+        declared = set(names)
+        for n, (dom, q) in found.items():
+            if q.group != group:
+                continue
+            declared |= {n, *q.members}
+            if n not in names:
+                if (q.target, q.rpo, q.fence) != (p.target, p.rpo, p.fence):
+                    raise UsageError(
+                        f"group {group!r} member {n} has target {q.target}, RPO {rpo.format_duration(q.rpo)}, fence "
+                        f"{q.fence}: a group has one target, RPO and fence (name all its members to change them)"
+                    )
+                others.append((n, dom, q))
+        members = tuple(sorted(declared))
+    # a domain moving to another group (or to none) leaves its old group first
+    for n in names:
+        old = found.get(n)
+        if old is not None and old[1].group and old[1].group != group:
+            _leave(found, old[1].group, {n})
+    for n, dom in zip(names, doms, strict=True):
+        _write(dom, n, replace(p, members=members))
+    for n, dom, q in others:
+        if q.members != members:
+            _write(dom, n, replace(q, members=members))
+    mode = f", continuous (a point every {rpo.format_duration(p.interval)})" if p.mode == "continuous" else ""
+    what = f"target {p.target}, RPO {rpo.format_duration(p.rpo)}{mode}" + (
+        f", group {group} ({', '.join(members)})" if group else ""
     )
-    print(f"{name} protected: target {p.target}, RPO {rpo.format_duration(p.rpo)}" + (f", group {p.group}" if p.group else ""))
+    print(f"{', '.join(names)} protected: {what}")
     return EXIT_OK
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
-    name = validate_name(args.domain, "domain name")
-    dom = lv.lookup(lv.connect(args.connect), name)
-    try:
-        dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            raise NotFoundError(f"{name} is not protected") from exc
-        raise lv.translate(exc, "reading metadata") from exc
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-    lv.call(f"removing metadata of {name!r}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, prot.NS, flags)
-    print(f"{name} is no longer protected (its points stay on the target)")
+    names = [validate_name(d, "domain name") for d in args.domains]
+    conn = lv.connect(args.connect)
+    found = _protected(conn)
+    plan: list[tuple[str, libvirt.virDomain | None, str | None]] = []
+    for name in names:
+        # a declared member whose domain or element is gone leaves its group by name
+        groups = sorted({q.group for n, (_, q) in found.items() if q.group and name in q.members and n != name})
+        try:
+            dom = lv.lookup(conn, name)
+        except NotFoundError:
+            if not groups:
+                raise
+            plan += [(name, None, g) for g in groups]
+            continue
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                raise lv.translate(exc, "reading metadata") from exc
+            if not groups:
+                raise NotFoundError(f"{name} is not protected") from exc
+            plan += [(name, None, g) for g in groups]
+            continue
+        old = found.get(name)
+        plan.append((name, dom, old[1].group if old else None))
+    for name, dom, group in plan:
+        if dom is not None:
+            _write(dom, name, None)
+        rest = _leave(found, group, {name}) if group else []
+        left = f" and left group {group}" + (f" ({', '.join(rest)} go on without it)" if rest else "") if group else ""
+        state = "is no longer protected" if dom is not None else "was not protected any more: removed from its group"
+        print(f"{name} {state}{left} (its points stay on the target)")
     return EXIT_OK
 
 
@@ -171,16 +292,44 @@ def _open_db(args: argparse.Namespace) -> Any:
     return StateDB(db_path(args.state_dir), readonly=True)
 
 
+STATUS_COLUMNS = [
+    ("group", "GROUP"),
+    ("members", "MEMBERS"),
+    ("rpo", "RPO"),
+    ("mode", "MODE"),
+    ("age", "AGE"),
+    ("state", "STATE"),
+    ("last_duration", "LAST CYCLE"),
+    ("last_bytes", "BYTES"),
+    ("next_in", "NEXT"),
+    ("failures", "FAILS"),
+    ("recovery", "RECOVERY"),
+    ("last_error", "LAST ERROR"),
+]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from libvirt_cgrep.agent.continuous import read_sidecar
+    from libvirt_cgrep.agent.db import state_dir
+
     db = _open_db(args)
+    cont = read_sidecar(args.state_dir or state_dir())
     now = time.time()
     rows = []
     for g in db.groups():
         age = None if g.newest_time is None else round(now - g.newest_time, 1)
+        c = cont.get(g.name, {})
         rows.append(
             {
                 "group": g.name,
+                "mode": c.get("mode", "snapshot"),
+                "mirror": c.get("mirror"),
+                "last_cut_ms": c.get("last_cut_ms"),
                 "members": list(g.members),
+                "member_rows": [
+                    {"domain": m, "state": st}
+                    for m, st in zip(g.members, g.member_states or ("?",) * len(g.members), strict=True)
+                ],
                 "target": g.target,
                 "rpo": g.rpo,
                 "state": g.state,
@@ -199,33 +348,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(rows)
         return EXIT_OK
-    table = [
-        {
-            **r,
-            "rpo": rpo.format_duration(r["rpo"]),
-            "members": ",".join(r["members"]),
-            "age": "-" if r["age"] is None else f"{r['age']}s",
-            "next_in": "-" if r["next_in"] is None else f"{r['next_in']}s",
-            "last_duration": "-" if r["last_duration"] is None else f"{r['last_duration']}s",
-        }
-        for r in rows
-    ]
-    print_table(
-        table,
-        [
-            ("group", "GROUP"),
-            ("members", "MEMBERS"),
-            ("rpo", "RPO"),
-            ("age", "AGE"),
-            ("state", "STATE"),
-            ("last_duration", "LAST CYCLE"),
-            ("last_bytes", "BYTES"),
-            ("next_in", "NEXT"),
-            ("failures", "FAILS"),
-            ("recovery", "RECOVERY"),
-            ("last_error", "LAST ERROR"),
-        ],
-    )
+    table: list[dict[str, Any]] = []
+    for r in rows:
+        table.append(
+            {
+                **r,
+                "rpo": rpo.format_duration(r["rpo"]),
+                "members": ",".join(r["members"]),
+                "age": "-" if r["age"] is None else f"{r['age']}s",
+                "next_in": "-" if r["next_in"] is None else f"{r['next_in']}s",
+                "last_duration": "-" if r["last_duration"] is None else f"{r['last_duration']}s",
+                "mode": r["mode"] if r["mirror"] is None else f"{r['mode']}/{r['mirror']}",
+            }
+        )
+        if len(r["member_rows"]) > 1 or (r["member_rows"] and r["member_rows"][0]["domain"] != r["group"]):
+            # a group's member rows, under its group row: each member's domain state
+            blank = dict.fromkeys((k for k, _ in STATUS_COLUMNS), "")
+            table += [{**blank, "group": f"  {m['domain']}", "state": m["state"]} for m in r["member_rows"]]
+    print_table(table, STATUS_COLUMNS)
     if rows and max(r["agent_seen"] for r in rows) > 30:
         print("note: the agent has not updated this state for a while: is 'virt-cgrep agent' running?")
     return EXIT_OK

@@ -51,14 +51,22 @@ def register(sub: Any) -> None:
     c = sub.add_parser(
         "chain",
         help="show each disk's backing chain",
-        description="Show the backing chain of each disk of DOMAIN (top first), and which disks can be protected.",
+        description="Show the backing chain of each disk of DOMAIN (top first), and which disks can be protected. "
+        "For a bare QEMU: --backend qmp --qmp SOCKET instead of DOMAIN.",
     )
-    c.add_argument("domain", metavar="DOMAIN")
+    c.add_argument("domains", nargs="?", default=None, metavar="DOMAIN", help="libvirt domain; omit with --backend qmp")
+    c.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt", help="libvirt domain, or bare QEMU by QMP socket")
+    c.add_argument("--qmp", action="append", default=[], metavar="SOCKET", help="QMP socket of a bare QEMU (qmp backend)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.set_defaults(func=cmd_chain)
+    c.set_defaults(func=cmd_chain, guardian_qmp=[])
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group",
+        metavar="NAME",
+        help="every member of protection group NAME (set with 'protect --group'), instead of DOMAIN...",
+    )
     p.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt", help="libvirt domain, or bare QEMU by QMP socket")
     p.add_argument("--qmp", action="append", default=[], metavar="SOCKET", help="QMP socket of a bare QEMU (qmp backend)")
     p.add_argument(
@@ -72,8 +80,8 @@ def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
     out: list[Backend] = []
     try:
         if args.backend == "qmp":
-            if args.domains:
-                raise UsageError("with --backend qmp, name the guests with --qmp SOCKET, not DOMAIN")
+            if args.domains or args.group:
+                raise UsageError("with --backend qmp, name the guests with --qmp SOCKET, not DOMAIN or --group")
             if not args.qmp:
                 raise UsageError("--backend qmp needs --qmp SOCKET")
             if args.guardian_qmp and len(args.guardian_qmp) != len(args.qmp):
@@ -86,14 +94,21 @@ def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
         else:
             if args.qmp or args.guardian_qmp:
                 raise UsageError("--qmp goes with --backend qmp")
-            if not args.domains:
-                raise UsageError("name at least one DOMAIN")
-            names = [validate_name(d, "domain name") for d in args.domains]
+            if args.group and args.domains:
+                raise UsageError("give DOMAIN... or --group NAME, not both")
+            if not args.domains and not args.group:
+                raise UsageError("name at least one DOMAIN (or --group NAME)")
+            uri = args.connect or lv.default_uri()
+            if args.group:
+                from libvirt_cgrep.cli.agent import group_members
+
+                names = group_members(lv.connect(uri), validate_name(args.group, "group name"))
+            else:
+                names = [validate_name(d, "domain name") for d in args.domains]
             if len(set(names)) != len(names):
                 raise UsageError("a domain is named twice")
             from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 
-            uri = args.connect or lv.default_uri()
             # One connection per domain: several guests are paused, cut and resumed in parallel.
             out.extend(LibvirtBackend(lv.connect(uri), n, uri) for n in names)
         yield out
@@ -121,11 +136,11 @@ def cmd_point(args: argparse.Namespace) -> int:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
-
-    name = validate_name(args.domain, "domain name")
-    uri = args.connect or lv.default_uri()
-    guest = LibvirtBackend(lv.connect(uri), name, uri).discover()
+    args.domains = [] if args.domains is None else [args.domains]
+    if len(args.qmp) > 1:
+        raise UsageError("chain shows one guest: give one --qmp SOCKET")
+    with backends_for(args) as backends:
+        guest = backends[0].discover()
     if args.json:
         emit_json({"domain": guest.name, "state": guest.state, "disks": [d.as_dict() for d in guest.disks]})
         return EXIT_OK

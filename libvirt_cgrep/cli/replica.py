@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="libvirt domain(s); omit with --backend qmp")
     s.add_argument("--target", required=True, metavar="T", help="replica target: /path or ssh://[user@]host[:port]/path")
-    s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the domain's name)")
+    s.add_argument("--set", metavar="NAME", help="name of the set on the target (default: the group's or the domain's name)")
     s.add_argument("--fence", choices=("none", "suspend"), default="none", help="how I/O is held for the cut (default none)")
     s.add_argument("--deadline", default="2000", metavar="MS", help="longest hold with --fence suspend (default 2000)")
     s.add_argument("--disks", metavar="T,..", help="only these disk targets")
@@ -96,6 +96,9 @@ def register(sub: Any) -> None:
     )
     r.add_argument("path", metavar="PATH")
     r.add_argument("--read-only", action="store_true", help="serve only reads (points, verify); take no lock")
+    r.add_argument(
+        "--serve", action="store_true", help="continuous mode: run a qemu-storage-daemon exporting the set over NBD, cut there"
+    )
     r.set_defaults(func=cmd_receive)
 
 
@@ -111,7 +114,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         result = sync(
             backends,
             target,
-            set_name=args.set,
+            set_name=args.set or args.group,
             fence=args.fence,
             deadline_ms=deadline,
             disks=parse_targets(args.disks) if args.disks else None,
@@ -204,4 +207,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     target = parse_target(args.path)
     if target.host:
         raise UsageError("receive takes a local path")
-    return serve(Path(target.path), sys.stdin.buffer, sys.stdout.buffer, readonly=args.read_only)
+    if args.serve:
+        if args.read_only:
+            raise UsageError("--serve and --read-only exclude each other")
+        from libvirt_cgrep.replica.live import serve as serve_continuous
+
+        return serve_continuous(Path(target.path), sys.stdin.buffer, sys.stdout.buffer)
+    # stdin unbuffered: data payloads are spliced from the pipe into the image (see replica.receiver)
+    inp = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - the process's stdin
+    return serve(Path(target.path), inp, sys.stdout.buffer, readonly=args.read_only)

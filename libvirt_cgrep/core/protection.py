@@ -4,8 +4,13 @@ The element lives under our own namespace, so a domain without it is never
 touched by the agent::
 
     <cgrep:protection xmlns:cgrep="urn:x-libvirt-cgrep:protection:1"
-        target="/srv/replica" rpo="300" group="app1" keep="24" keep-hourly="0"
-        keep-daily="0" fence="none" app-consistent="no" mode="snapshot"/>
+        target="/srv/replica" rpo="300" group="app1" members="db1,web1" keep="24"
+        keep-hourly="0" keep-daily="0" fence="suspend" app-consistent="no" mode="snapshot"/>
+
+``members`` is the group's declared membership, written on every member by
+``virt-cgrep protect``/``unprotect``: a declared member that is missing (its
+domain undefined, or its element removed behind our back) blocks the group's
+cycles instead of silently shrinking the group.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from libvirt_cgrep.errors import UsageError
 NS = "urn:x-libvirt-cgrep:protection:1"
 PREFIX = "cgrep"
 FENCES = ("none", "suspend")
-MODES = ("snapshot",)
+MODES = ("snapshot", "continuous")
 
 
 @dataclass(frozen=True)
@@ -30,22 +35,33 @@ class Protection:
     target: str
     rpo: int
     group: str | None = None
+    members: tuple[str, ...] = ()
     keep: int = 24
     keep_hourly: int = 0
     keep_daily: int = 0
     fence: str = "none"
     app_consistent: bool = False
     mode: str = "snapshot"
+    #: continuous mode: seconds between points (the RPO then governs the snapshot-mode fallback)
+    interval: int = 60
+    #: continuous mode: longest a guest write may wait for the replica, in seconds
+    replica_timeout: int = 5
 
     def __post_init__(self) -> None:
         if not MIN_RPO <= self.rpo <= MAX_RPO:
             raise UsageError(f"RPO {self.rpo}s out of range")
         if self.group is not None:
             validate_name(self.group, "group name")
+        elif self.members:
+            raise UsageError("members are declared only for a group")
+        for m in self.members:
+            validate_name(m, "member name")
         if self.fence not in FENCES:
             raise UsageError(f"invalid fence {self.fence!r}")
         if self.mode not in MODES:
             raise UsageError(f"invalid mode {self.mode!r}: this release supports {', '.join(MODES)}")
+        if not 1 <= self.interval <= 86400 or not 1 <= self.replica_timeout <= 600:
+            raise UsageError("continuous interval or replica timeout out of range")
         for v in (self.keep, self.keep_hourly, self.keep_daily):
             if not 0 <= v <= 100_000:
                 raise UsageError("retention counts must be between 0 and 100000")
@@ -63,8 +79,13 @@ class Protection:
             "app-consistent": "yes" if self.app_consistent else "no",
             "mode": self.mode,
         }
+        if self.mode == "continuous":
+            attrs["interval"] = str(self.interval)
+            attrs["replica-timeout"] = str(self.replica_timeout)
         if self.group:
             attrs["group"] = self.group
+            if self.members:
+                attrs["members"] = ",".join(self.members)
         body = " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items())
         return f"<protection {body}/>"
 
@@ -73,12 +94,15 @@ class Protection:
             "target": self.target,
             "rpo": self.rpo,
             "group": self.group,
+            "members": list(self.members),
             "keep": self.keep,
             "keep_hourly": self.keep_hourly,
             "keep_daily": self.keep_daily,
             "fence": self.fence,
             "app_consistent": self.app_consistent,
             "mode": self.mode,
+            "interval": self.interval,
+            "replica_timeout": self.replica_timeout,
         }
 
 
@@ -90,12 +114,15 @@ def from_xml(xml: str) -> Protection:
             target=el.get("target", ""),
             rpo=int(el.get("rpo", "0")),
             group=el.get("group") or None,
+            members=tuple(m for m in el.get("members", "").split(",") if m),
             keep=int(el.get("keep", "24")),
             keep_hourly=int(el.get("keep-hourly", "0")),
             keep_daily=int(el.get("keep-daily", "0")),
             fence=el.get("fence", "none"),
             app_consistent=el.get("app-consistent", "no") == "yes",
             mode=el.get("mode", "snapshot"),
+            interval=int(el.get("interval", "60")),
+            replica_timeout=int(el.get("replica-timeout", "5")),
         )
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise UsageError(f"malformed protection metadata: {exc}") from exc

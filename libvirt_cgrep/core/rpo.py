@@ -1,13 +1,22 @@
 """RPO maths: when to start a cycle, what state a group is in, which alerts to raise. Pure.
 
 The promise: the newest committed point is never older than the RPO. A
-cycle's point is as old as its cut, which happens near the cycle's start, so
-a group's next cycle starts at
+cycle's point is as old as its cut, which happens near the cycle's start, but
+a point counts only once committed, at the end of its cycle, so the whole
+cycle must fit between the start and the deadline. A group's next cycle starts
+``lead`` seconds before the deadline (``newest cut + RPO``)::
 
-    deadline - SAFETY x predicted duration - margin,   deadline = newest cut + RPO
+    lead = max(SAFETY x predicted, SPIKE x slowest recent) + headroom + margin
 
-where the prediction is the slowest of the recent cycles (a point counts
-only once committed, at the end of its cycle, so the whole cycle must fit). A failing group
+``predicted`` is a high quantile (p90) of the recent durations (never the
+mean: the tail is what misses deadlines), ``slowest recent`` covers a spike
+(a loaded host makes a cycle take twice its usual time), ``headroom`` is a
+fraction of the RPO (``HEADROOM`` x RPO, at most ``HEADROOM_MAX`` s) for what
+no history shows, ``margin`` the operator's. When the lead is longer than the
+RPO allows, cycles run back to back (each starts as soon as the last ends):
+then the smallest RPO held is about the time from one cut to its commit plus
+the next whole cycle, and only shorter cycles make it smaller.
+A failing group
 retries with exponential backoff whose cap never exceeds the RPO unless the
 failure persists (``PERSIST`` failures in a row), and one group's schedule
 never depends on another's.
@@ -20,6 +29,7 @@ predicted to finish past the deadline.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +42,19 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_RPO = 1
 MAX_RPO = 7 * 86400
 DEFAULT_PREDICTION = 5.0
-HISTORY = 5
+#: Recent successful cycle durations the prediction looks at.
+HISTORY = 20
+#: The prediction's quantile of the recent durations.
+QUANTILE = 0.9
 BACKOFF_BASE = 1.0
 PERSIST = 6
 PERSISTENT_CAP = 3600.0
 SAFETY = 1.5
+#: Lead over the slowest recent cycle (a spike of 2x the usual is covered by SAFETY x p90 + SPIKE x max).
+SPIKE = 1.25
+#: Headroom as a fraction of the RPO, and its cap in seconds.
+HEADROOM = 0.15
+HEADROOM_MAX = 600.0
 
 
 def parse_duration(text: str, what: str = "RPO", lo: int = MIN_RPO, hi: int = MAX_RPO) -> int:
@@ -79,8 +97,14 @@ class GroupView:
     paused: bool = False
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile (``q`` in 0..1) of a non-empty sequence."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
+
+
 def predict(durations: Sequence[float]) -> float:
-    """Predicted cycle duration: the slowest of the recent ones, and at least 5 s until 3 are known.
+    """Predicted cycle duration: the p90 of the recent ones, and at least 5 s until 3 are known.
 
     (The first cycles are unrepresentative: the seed ships little of what a
     later cycle ships, so a young history must not make the schedule late.)
@@ -88,7 +112,19 @@ def predict(durations: Sequence[float]) -> float:
     recent = list(durations)[-HISTORY:]
     if len(recent) < 3:
         return max([DEFAULT_PREDICTION, *recent])
-    return max(recent)
+    return quantile(recent, QUANTILE)
+
+
+def headroom(rpo: float) -> float:
+    """Seconds kept free before the deadline for what no history shows: a fraction of the RPO, capped."""
+    return min(HEADROOM * rpo, HEADROOM_MAX)
+
+
+def lead(durations: Sequence[float], rpo: float, margin: float) -> float:
+    """How long before the deadline a cycle starts (may exceed the RPO: then cycles run back to back)."""
+    recent = list(durations)[-HISTORY:]
+    slowest = max(recent, default=0.0)
+    return max(SAFETY * predict(recent), SPIKE * slowest) + headroom(rpo) + margin
 
 
 def backoff(failures: int, rpo: float) -> float:
@@ -105,7 +141,7 @@ def deadline(g: GroupView) -> datetime | None:
 
 def next_start(g: GroupView, now: datetime, margin: float) -> datetime:
     """When the group's next cycle should start (may be in the past: start now)."""
-    start = now if g.newest is None else g.newest + timedelta(seconds=g.rpo - SAFETY * predict(g.durations) - margin)
+    start = now if g.newest is None else g.newest + timedelta(seconds=g.rpo - lead(g.durations, g.rpo, margin))
     if g.failures and g.last_failure is not None:
         start = max(start, g.last_failure + timedelta(seconds=backoff(g.failures, g.rpo)))
     return start

@@ -33,6 +33,10 @@ class Backend(Protocol):
         """ONE transaction moving every disk of ``txn`` onto its overlay (CutError on failure)."""
         ...
 
+    def confirm(self, txn: Transaction) -> None:
+        """After the cut and the hold: check the guest's definitions name the new overlays (error if not)."""
+        ...
+
     def discard(self, txn: Transaction) -> None:
         """After a failed cut: remove what :meth:`prepare` made; the old chain stays active."""
         ...

@@ -208,6 +208,7 @@ class LibvirtBackend:
             raise CutError(f"{self.name}: cannot create overlays: {exc}") from exc
 
     def cut(self, txn: Transaction) -> GuestCut:
+        """The atomic snapshot call only (inside the hold); :meth:`confirm` checks the definitions afterwards."""
         xml = self._snapshot_xml
         t0 = time.monotonic()
         try:
@@ -216,9 +217,17 @@ class LibvirtBackend:
             why = lv.translate(exc, "snapshot")
             raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {why}") from exc
         cut_ms = (time.monotonic() - t0) * 1000.0
+        return GuestCut(self.name, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
+
+    def confirm(self, txn: Transaction) -> None:
+        """After the hold: the live and the persistent definitions both name every new overlay.
+
+        Reading both XMLs costs ms per disk, so it runs after the resume; a
+        mismatch fails the point (CutError if the live chain, LibvirtError if
+        only the persistent definition disagrees).
+        """
         live = {d.target: d for d in disks_of(lv.live_xml(self.dom))}
         persistent = {d.target: d for d in disks_of(lv.persistent_xml(self.dom))}
-        cuts = []
         for a in txn.actions:
             now = live.get(a.target)
             if now is None or now.image != a.overlay:
@@ -226,8 +235,6 @@ class LibvirtBackend:
             conf = persistent.get(a.target)
             if conf is None or conf.image != a.overlay:
                 raise LibvirtError(f"{self.name}: the persistent definition of {a.target} does not name {a.overlay}")
-            cuts.append(DiskCut(a.target, a.frozen, now.image))
-        return GuestCut(self.name, tuple(cuts), cut_ms)
 
     def discard(self, txn: Transaction) -> None:
         live = {d.target: d.chain for d in disks_of(lv.live_xml(self.dom))} if self.dom.isActive() else {}
@@ -239,8 +246,13 @@ class LibvirtBackend:
         lv.call(f"suspending {self.name!r}", self.dom.suspend)
 
     def resume(self) -> None:
-        if lv.state(self.dom) == "paused":
-            lv.call(f"resuming {self.name!r}", self.dom.resume)
+        # One call inside the hold (no state query first); "not paused" is success: resume is idempotent.
+        try:
+            self.dom.resume()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and lv.state(self.dom) != "paused":
+                return
+            raise lv.translate(exc, f"resuming {self.name!r}") from exc
 
     def require_running(self) -> None:
         st = lv.state(self.dom)

@@ -3,7 +3,9 @@
 Guarantees:
 
 - every guest is cut by ONE transaction over all its selected disks;
-- overlays are created before the hold, so a hold covers only the cut;
+- overlays are created before the hold, so a hold covers only the cut; the
+  check that the definitions name the new overlays runs after the resume
+  (a failed check still fails the point, with the guests running);
 - with ``fence='suspend'`` a guardian process is armed before the first
   pause; every guest is resumed by us when the cut ends or fails, and by the
   guardian when the deadline passes or this process dies;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +83,9 @@ def take_point(
                 with contextlib.suppress(Exception):
                     b.discard(txn)
         raise
+    # after the hold (guests running): every guest's definitions name its new overlays, checked side by side;
+    # a cut guest keeps its overlay either way
+    _first_error(_each([functools.partial(b.confirm, txn) for b, txn in prepared]))
     cuts = [done[i] for i in sorted(done)]
     total = max(c.cut_ms for c in cuts)
     return PointResult(
@@ -127,26 +133,55 @@ def _cut_all(prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, Gu
 def _hold_and_cut(
     prepared: Sequence[tuple[Backend, Transaction]], done: dict[int, GuestCut], deadline_ms: float, clock: Callable[[], float]
 ) -> float:
-    """Pause every guest (in parallel) under an armed guardian, cut, resume them all.
+    """Hold every guest under an armed guardian, cut each, resume each; returns the host-measured hold in ms.
 
-    Returns the host-measured hold in ms: from before the first pause to after the last resume.
+    One thread per guest (started before the hold): pause; wait until EVERY
+    guest is paused; cut (its one transaction); resume. No guest resumes
+    before all are paused, so the cuts all show the guests' state at one
+    instant (a group point); a guest does not wait for the others' cuts to
+    resume. If a pause fails, the guests already paused are resumed uncut.
+    The hold is measured from the first pause to the last resume.
     """
     specs = [s for b, _ in prepared for s in b.guardian_spec()]
     fault_ms = float(os.environ.get(FAULT_HOLD_SLEEP_ENV, "0") or 0)
-    with Guardian(specs, deadline_ms) as guardian:
-        guardian.arm()
-        t0 = clock()
+    n = len(prepared)
+    ready, all_paused = threading.Barrier(n), threading.Barrier(n)
+    starts, ends = [0.0] * n, [0.0] * n
+    resumed = [False] * n
+
+    def hold_one(i: int) -> None:
+        b, txn = prepared[i]
+        ready.wait()  # every thread exists: the hold does not include starting threads
+        starts[i] = clock()
         try:
-            _first_error(_each([b.pause for b, _ in prepared]))
+            try:
+                b.pause()
+            except BaseException:
+                all_paused.abort()
+                raise
+            all_paused.wait()  # BrokenBarrierError: another guest could not be paused; resume uncut
             if fault_ms:
                 time.sleep(fault_ms / 1000.0)
-            _cut_all(prepared, done)
+            done[i] = b.cut(txn)
         finally:
-            # Resume every guest, paused or not (resume is idempotent).
-            resumed = not any(isinstance(r, BaseException) for r in _each([b.resume for b, _ in prepared]))
-            fence_ms = (clock() - t0) * 1000.0
-            # If we could not resume a guest ourselves, the guardian does it.
-            fired = guardian.release() if resumed else guardian.abandon()
+            # Idempotent: resumes a guest whether or not it was paused. If it fails (the guardian may have
+            # resumed the guest first), the guardian is told to resume it below: not an error of the cut.
+            with contextlib.suppress(Exception):
+                b.resume()
+                resumed[i] = True
+            ends[i] = clock()
+
+    with Guardian(specs, deadline_ms) as guardian:
+        guardian.arm()
+        results = _each([functools.partial(hold_one, i) for i in range(n)])
+        fence_ms = (max(ends) - min(starts)) * 1000.0
+        # If we could not resume a guest ourselves, the guardian does it.
+        fired = guardian.release() if all(resumed) else guardian.abandon()
+    # the first real error (a guest that only saw the broken barrier names no cause)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
     if fired:
         raise FenceError(
             f"the hold passed its {deadline_ms:g} ms deadline ({fence_ms:.0f} ms); the guardian resumed the guests. "

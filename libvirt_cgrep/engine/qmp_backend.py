@@ -326,6 +326,9 @@ class QMPBackend:
             self._made.pop(a.overlay_node, None)  # live now: never removed by discard
         return GuestCut(txn.guest, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
 
+    def confirm(self, txn: Transaction) -> None:
+        """Nothing to re-read: the transaction's answer (or query-block after a lost one) decided the cut."""
+
     def _require_old_tops(self, txn: Transaction, cause: QMPError) -> None:
         """After a refused transaction, confirm every disk is still on its old top."""
         try:

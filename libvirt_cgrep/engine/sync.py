@@ -16,12 +16,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -68,6 +70,8 @@ class SyncResult:
     total_s: float
     disks: tuple[DiskSync, ...]
     pruned: tuple[str, ...]
+    #: wall time of each phase of the cycle, ms (see :func:`sync`)
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -96,6 +100,7 @@ class SyncResult:
                 for d in self.disks
             ],
             "pruned": list(self.pruned),
+            "phases_ms": {k: round(v, 1) for k, v in self.phases_ms.items()},
         }
 
 
@@ -133,6 +138,8 @@ def coverage(
     """
     if rec is None:
         return len(chain), True, primary_base(chain), "first point of this disk"
+    if not rec.primary_base:
+        return len(chain), True, primary_base(chain), "the newest point was cut in continuous mode"
     if rec.primary_base not in chain:
         return len(chain), True, primary_base(chain), f"chain broken: {rec.primary_base} is no longer in it"
     if stamp is not None and (
@@ -204,8 +211,15 @@ def sync(
     progress: Callable[[str], Progress] = lambda label: lambda d, t: None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> SyncResult:
-    """Run one cycle for the backends' guests (one set on the target)."""
+    """Run one cycle for the backends' guests (one set on the target).
+
+    The per-process fixed costs (``qemu-img info``/``map`` per disk, the
+    receiver's staging) run concurrently: every disk's extent map is read in
+    the background while the receiver stages, and ``ship_s`` is the time from
+    the receiver being ready to the last extent put on the link.
+    """
     t_start = time.monotonic()
+    phases: dict[str, float] = {}
     if not backends:
         raise UsageError("name at least one domain")
     if len(backends) > 1 and not set_name:
@@ -215,19 +229,23 @@ def sync(
     names = [b.record()[0] for b in backends]
     set_name = validate_name(set_name or names[0], "set name")
     link = Link(target)
+    pool = ThreadPoolExecutor(max_workers=4)
     try:
-        pts = link.request({"op": "points", "set": set_name})["points"]
-        newest = manifest_from_dict(pts[-1]) if pts else None
-        for b, name in zip(backends, names, strict=True):
-            _repair(b, name, newest, str(target), set_name)
-        point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
+        with _phase(phases, "open"):
+            pts = link.request({"op": "points", "set": set_name})["points"]
+            newest = manifest_from_dict(pts[-1]) if pts else None
+            for b, name in zip(backends, names, strict=True):
+                _repair(b, name, newest, str(target), set_name)
+        with _phase(phases, "cut"):
+            point = take_point(backends, targets=disks, fence=fence, deadline_ms=deadline_ms)
         domains = tuple(mf.DomainRecord(*b.record()) for b in backends)
-        plans: list[tuple[DiskShipment, str, str | None]] = []
-        for g in point.guests:
-            for dc in g.disks:
-                layers = qemu_img.chain(Path(dc.frozen_image))
+        with _phase(phases, "plan"):
+            frozen = [(g.guest, dc) for g in point.guests for dc in g.disks]
+            chains = list(pool.map(lambda gd: qemu_img.chain(Path(gd[1].frozen_image)), frozen))
+            plans: list[tuple[DiskShipment, str, str | None]] = []
+            for (guest, dc), layers in zip(frozen, chains, strict=True):
                 chain = tuple(i.path for i in layers)
-                rec = newest.disk(g.guest, dc.target) if newest else None
+                rec = newest.disk(guest, dc.target) if newest else None
                 stamp = read_stamp(rec.primary_base) if rec else None
                 depth, full, base, reason = coverage(
                     chain,
@@ -238,25 +256,33 @@ def sync(
                     set_name=set_name,
                 )
                 size = layers[0].virtual_size
-                plans.append((DiskShipment(g.guest, dc.target, chain, depth, full, size), base, reason))
+                plans.append((DiskShipment(guest, dc.target, chain, depth, full, size), base, reason))
+        # Frozen images never change: read their maps while the receiver stages.
+        maps = [pool.submit(extents_of, s) for s, _, _ in plans]
         parent = newest.point_id if newest else None
-        link.request(
-            {
-                "op": "begin",
-                "set": set_name,
-                "point_id": point.point_id,
-                "parent": parent,
-                "disks": [[s.domain, s.target, s.virtual_size, s.full] for s, _, _ in plans],
-            }
-        )
+        with _phase(phases, "begin"):
+            link.request(
+                {
+                    "op": "begin",
+                    "set": set_name,
+                    "point_id": point.point_id,
+                    "parent": parent,
+                    "disks": [[s.domain, s.target, s.virtual_size, s.full] for s, _, _ in plans],
+                }
+            )
         t_ship = time.monotonic()
         limiter = RateLimit(bwlimit)
         results: list[tuple[DiskShipment, int, int, str, str | None]] = []
-        for s, base, reason in plans:
-            extents = extents_of(s)
+        wait_s = 0.0
+        for (s, base, reason), fut in zip(plans, maps, strict=True):
+            t0 = time.monotonic()
+            extents = fut.result()
+            wait_s += time.monotonic() - t0
             sent = ship_disk(link, s, extents, compress=compress, limiter=limiter, progress=progress(f"{s.domain}/{s.target}"))
             results.append((s, data_bytes(extents), sent, base, reason))
         ship_s = time.monotonic() - t_ship
+        phases["map_wait"] = wait_s * 1000.0
+        phases["send"] = (ship_s - wait_s) * 1000.0
         manifest = mf.Manifest(
             point_id=point.point_id,
             time_utc=point.time_utc,
@@ -271,34 +297,42 @@ def sync(
                 for s, _, sent, base, _ in results
             ),
         )
-        link.request(
-            {
-                "op": "commit",
-                "manifest": manifest_to_dict(manifest),
-                "shipped": [[s.domain, s.target, sent] for s, _, sent, _, _ in results],
-            }
-        )
+        with _phase(phases, "commit"):
+            link.request(
+                {
+                    "op": "commit",
+                    "manifest": manifest_to_dict(manifest),
+                    "shipped": [[s.domain, s.target, sent] for s, _, sent, _, _ in results],
+                }
+            )
         _fault_before_fold()
         by_name = dict(zip(names, backends, strict=True))
         disk_results = []
-        for s_, changed, sent, base, reason in results:
-            backend = by_name[s_.domain]
-            write_stamp(base, FoldStamp(str(target), set_name, point.point_id))
-            if s_.chain[0] != base:
-                backend.fold(s_.target, base, s_.chain[0])
-            disk_results.append(DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target))))
+        with _phase(phases, "fold"):
+            for s_, changed, sent, base, reason in results:
+                backend = by_name[s_.domain]
+                write_stamp(base, FoldStamp(str(target), set_name, point.point_id))
+                if s_.chain[0] != base:
+                    backend.fold(s_.target, base, s_.chain[0])
+                disk_results.append(DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target))))
         pruned: tuple[str, ...] = ()
         if policy is not None:
-            reply = link.request(
-                {
-                    "op": "prune",
-                    "set": set_name,
-                    "policy": {"keep_last": policy.keep_last, "keep_hourly": policy.keep_hourly, "keep_daily": policy.keep_daily},
-                    "now": now().isoformat(),
-                }
-            )
-            pruned = tuple(reply["deleted"])
+            with _phase(phases, "prune"):
+                reply = link.request(
+                    {
+                        "op": "prune",
+                        "set": set_name,
+                        "policy": {
+                            "keep_last": policy.keep_last,
+                            "keep_hourly": policy.keep_hourly,
+                            "keep_daily": policy.keep_daily,
+                        },
+                        "now": now().isoformat(),
+                    }
+                )
+                pruned = tuple(reply["deleted"])
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         link.close()
     return SyncResult(
         set_name=set_name,
@@ -313,7 +347,17 @@ def sync(
         total_s=time.monotonic() - t_start,
         disks=tuple(disk_results),
         pruned=pruned,
+        phases_ms=phases,
     )
+
+
+@contextlib.contextmanager
+def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = (time.monotonic() - t0) * 1000.0
 
 
 def _fault_before_fold() -> None:

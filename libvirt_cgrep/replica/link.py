@@ -71,12 +71,9 @@ def parse_target(text: str) -> Target:
     return target
 
 
-def receiver_argv(target: Target, *, readonly: bool = False, ssh_options: tuple[str, ...] = ()) -> list[str]:
-    """The argv that starts the target's receiver."""
-    mode = ["--read-only"] if readonly else []
-    if target.host is None:
-        return [sys.executable, "-m", "libvirt_cgrep", "receive", *mode, target.path]
-    remote = shlex.split(os.environ.get(REMOTE_CMD_ENV, "virt-cgrep"))
+def ssh_argv(target: Target, *options: str) -> list[str]:
+    """``ssh`` to the target's host (no remote command yet): BatchMode, strict host keys, keepalives."""
+    assert target.host is not None
     argv = [
         "ssh",
         "-o",
@@ -90,23 +87,35 @@ def receiver_argv(target: Target, *, readonly: bool = False, ssh_options: tuple[
     ]
     if os.environ.get(SSH_CONFIG_ENV):
         argv += ["-F", os.environ[SSH_CONFIG_ENV]]
-    argv += list(ssh_options)
+    argv += list(options)
     if target.port:
         argv += ["-p", str(target.port)]
     if target.user:
         argv += ["-l", target.user]
+    return [*argv, target.host]
+
+
+def receiver_argv(target: Target, *, readonly: bool = False, serve: bool = False, ssh_options: tuple[str, ...] = ()) -> list[str]:
+    """The argv that starts the target's receiver (``serve``: the continuous-mode session)."""
+    mode = ["--read-only"] if readonly else ["--serve"] if serve else []
+    if target.host is None:
+        if serve:
+            return [sys.executable, "-m", "libvirt_cgrep", "receive", *mode, target.path]
+        return [sys.executable, "-m", "libvirt_cgrep.replica.serve", *mode, target.path]  # lean: no CLI imports per cycle
+    remote = shlex.split(os.environ.get(REMOTE_CMD_ENV, "virt-cgrep"))
+    argv = ssh_argv(target, *ssh_options)
     # ssh joins the remote words with spaces for the remote shell: quote each one.
-    argv += [target.host, "--", *(shlex.quote(w) for w in [*remote, "receive", *mode, target.path])]
+    argv += ["--", *(shlex.quote(w) for w in [*remote, "receive", *mode, target.path])]
     return argv
 
 
 class Link:
     """A running receiver session."""
 
-    def __init__(self, target: Target, *, readonly: bool = False) -> None:
+    def __init__(self, target: Target, *, readonly: bool = False, serve: bool = False) -> None:
         self.target = target
         self.proc = subprocess.Popen(
-            receiver_argv(target, readonly=readonly),
+            receiver_argv(target, readonly=readonly, serve=serve),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -145,6 +154,25 @@ class Link:
         """Send without waiting (data and zero messages). A broken link raises the receiver's own error."""
         try:
             proto.send(self.writer, msg, payload)
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            self._broken()
+
+    def send_file(self, msg: dict[str, Any], fd: int, offset: int, length: int) -> None:
+        """Send ``length`` bytes of ``fd`` from ``offset`` as the payload of ``msg``, with ``sendfile``.
+
+        The kernel copies the file's pages straight into the link (no copy
+        through this process); the wire format is that of :meth:`send`.
+        """
+        try:
+            proto.send(self.writer, {**msg, "n": length})
+            self.writer.flush()
+            out = self.inp.fileno()
+            done = 0
+            while done < length:
+                n = os.sendfile(out, fd, offset + done, length - done)
+                if n == 0:
+                    raise proto.StreamError(f"short read from the image at {offset + done}")
+                done += n
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self._broken()
 

@@ -36,8 +36,22 @@ def write_header(f: BinaryIO) -> None:
     f.flush()
 
 
+def read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer only at the end of the stream (works on unbuffered pipes too)."""
+    first = f.read(n)
+    if first is None or len(first) == n or not first:
+        return first or b""
+    buf = bytearray(first)
+    while len(buf) < n:
+        more = f.read(n - len(buf))
+        if not more:
+            break
+        buf += more
+    return bytes(buf)
+
+
 def read_header(f: BinaryIO) -> int:
-    head = f.read(12)
+    head = read_exact(f, 12)
     if len(head) < 12:
         raise StreamError("the receiver closed the link before its header (is virt-cgrep installed on the far side?)")
     if head[:8] != MAGIC:
@@ -57,9 +71,9 @@ def send(f: BinaryIO, msg: dict[str, Any], payload: bytes | memoryview = b"") ->
         f.write(payload)
 
 
-def recv(f: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
-    """The next message, or None at a clean end of stream."""
-    head = f.read(4)
+def recv_message(f: BinaryIO) -> dict[str, Any] | None:
+    """The next message's JSON object (its ``n`` payload bytes are left in the stream), or None at a clean end."""
+    head = read_exact(f, 4)
     if not head:
         return None
     if len(head) < 4:
@@ -67,15 +81,27 @@ def recv(f: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     (n,) = _LEN.unpack(head)
     if n > MAX_JSON:
         raise StreamError("oversized message")
-    body = f.read(n)
+    body = read_exact(f, n)
     if len(body) < n:
         raise StreamError("the link broke mid-message")
-    msg = json.loads(body)
+    msg: dict[str, Any] = json.loads(body)
+    return msg
+
+
+def recv_payload(f: BinaryIO, msg: dict[str, Any]) -> bytes:
     size = int(msg.get("n", 0))
-    payload = f.read(size) if size else b""
+    payload = read_exact(f, size) if size else b""
     if len(payload) < size:
         raise StreamError("the link broke mid-payload")
-    return msg, payload
+    return payload
+
+
+def recv(f: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    """The next message, or None at a clean end of stream."""
+    msg = recv_message(f)
+    if msg is None:
+        return None
+    return msg, recv_payload(f, msg)
 
 
 def error_reply(exc: CgrepError) -> dict[str, Any]:

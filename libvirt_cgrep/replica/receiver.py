@@ -10,9 +10,11 @@ that point remains.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,6 +88,13 @@ def point_listing(store: Store, m: mf.Manifest) -> dict[str, Any]:
     }
 
 
+_Writer = contextlib.AbstractContextManager[nbd.NBDClient]
+
+
+def _enter(cm: _Writer) -> tuple[_Writer, nbd.NBDClient]:
+    return cm, cm.__enter__()
+
+
 class _Session:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -100,6 +109,11 @@ class _Session:
         self.writers = {}
         self.store.discard(self.staged)
         self.staged = []
+
+    def splice_data(self, msg: dict[str, Any], fd: int) -> None:
+        """An uncompressed ``data`` message whose payload is still in the pipe ``fd``: spliced into the image."""
+        w = self.writers[(msg["domain"], msg["target"])]
+        w.write_from(int(msg["offset"]), fd, int(msg.get("n", 0)))
 
     def handle(self, msg: dict[str, Any], payload: bytes) -> dict[str, Any] | None:
         op = msg.get("op")
@@ -127,13 +141,28 @@ class _Session:
             disks = [(str(d), str(t), int(s), bool(f)) for d, t, s, f in msg["disks"]]
             seeds = {(str(d), str(t)): _seed_path(p) for d, t, p in msg.get("seed", ())}
             self.staged = self.store.stage(msg["set"], msg["point_id"], parent, disks, seeds)
-            for s in self.staged:
-                self.writers[(s.domain, s.target)] = self.stack.enter_context(self.store.writer(s))
+            # one qemu-nbd per image, started side by side; each registered for closing as soon as it runs
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                started = [pool.submit(_enter, self.store.writer(s)) for s in self.staged]
+            for s, fut in zip(self.staged, started, strict=True):
+                exc = fut.exception()
+                if exc is None:
+                    cm, client = fut.result()
+                    self.stack.push(cm)
+                    self.writers[(s.domain, s.target)] = client
+            failed = next((e for e in (f.exception() for f in started) if e is not None), None)
+            if failed is not None:
+                raise failed
             return {"ok": True, "staged": [[s.domain, s.target, s.backing] for s in self.staged]}
         if op == "commit":
             if not self.staged or self.set_name is None:
                 raise StateError("commit without a point")
-            self.stack.close()  # flush and close every image (qemu-nbd exits)
+            # flush every image at once (each qemu-nbd fsyncs its own), then close them (qemu-nbd exits)
+            for w in self.writers.values():
+                w.send_flush()
+            for w in self.writers.values():
+                w.wait()
+            self.stack.close()
             self.writers = {}
             shipped = {(d, t): int(n) for d, t, n in msg["shipped"]}
             final = self.store.commit(self.set_name, manifest_from_dict(msg["manifest"], committed=False), self.staged, shipped)
@@ -222,20 +251,26 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
         proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root)})
         out.flush()
         idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
+        # Payloads go from the link's pipe straight into qemu-nbd's socket when ``inp`` is an unbuffered pipe.
+        splice_fd = inp.fileno() if isinstance(inp, io.RawIOBase) and nbd.spliceable(inp.fileno()) else None
         signal.signal(signal.SIGALRM, _on_alarm)
         while True:
             signal.alarm(idle)
             try:
-                got = proto.recv(inp)
+                msg = proto.recv_message(inp)
+                if msg is None or msg.get("op") == "bye":
+                    return 0
+                if readonly and msg.get("op") not in _READ_OPS:
+                    raise UsageError(f"request {msg.get('op')!r} on a read-only session")
+                if splice_fd is not None and msg.get("op") == "data" and not msg.get("z") and msg.get("n"):
+                    session.splice_data(msg, splice_fd)
+                    continue
+                payload = proto.recv_payload(inp, msg)
             except _Idle:
                 raise StreamIdleError(f"no message from the sender for {idle} s: giving up, nothing committed") from None
             finally:
                 signal.alarm(0)
-            if got is None or got[0].get("op") == "bye":
-                return 0
-            if readonly and got[0].get("op") not in _READ_OPS:
-                raise UsageError(f"request {got[0].get('op')!r} on a read-only session")
-            reply = session.handle(*got)
+            reply = session.handle(msg, payload)
             if reply is not None:
                 proto.send(out, reply)
                 out.flush()

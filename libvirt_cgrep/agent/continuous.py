@@ -1,0 +1,255 @@
+"""The agent's continuous mode: one ``virt-cgrep continuous`` child per group, its events drive the group.
+
+Guarantees:
+
+- snapshot mode and continuous mode never run on one group at once: the
+  child starts only when no snapshot cycle runs, and no snapshot cycle
+  starts while the child runs (:meth:`Continuous.owns`);
+- a child that ends (replica killed or hung, link cut, domain stopped) raises
+  a ``continuous-degraded`` alert as soon as its ``degraded`` event (or its
+  exit) is read, which wakes the scheduler at once; the group then falls
+  back to snapshot-mode cycles to the same target, and continuous mode is
+  retried after ``RETRY_S`` (a full resync by the mirror), with
+  ``continuous-restored`` when it is in sync again;
+- the mode, mirror state (syncing, in-sync, degraded) and last point are
+  written to ``continuous.json`` beside the state DB for ``status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from libvirt_cgrep.adapters.fs import save_file
+from libvirt_cgrep.agent import worker
+from libvirt_cgrep.agent.alerts import Alert
+
+if TYPE_CHECKING:
+    from libvirt_cgrep.agent.scheduler import Agent, Runtime
+
+log = logging.getLogger("libvirt_cgrep.agent")
+
+#: Seconds between a degraded continuous mode and the next attempt (snapshot cycles meanwhile).
+RETRY_S = 30.0
+#: Overrides RETRY_S (tests).
+RETRY_ENV = "CGREP_CONTINUOUS_RETRY_S"
+SIDECAR = "continuous.json"
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
+
+
+@dataclass
+class _Group:
+    child: _Child | None = None
+    mirror: str = "off"
+    retry_at: float = 0.0
+    degraded: bool = False
+    last_point: str | None = None
+    last_point_time: float | None = None
+    last_cut_ms: float | None = None
+    reason: str | None = None
+
+
+class Continuous:
+    def __init__(self, agent: Agent, state_file: Path | None = None) -> None:
+        self.agent = agent
+        self.groups: dict[str, _Group] = {}
+        self.state_file = state_file
+        self.retry_s = float(os.environ.get(RETRY_ENV) or RETRY_S)
+        self._written = ""
+
+    # ------------------------------------------------------------ children
+    def _spawn(self, rt: Runtime) -> _Child:
+        spec = rt.spec
+        p = spec.protection
+        argv = [
+            *self.agent._cli(),
+            "continuous",
+            *spec.members,
+            "--target",
+            p.target,
+            "--set",
+            spec.name,
+            "--interval",
+            f"{p.interval}s",
+            "--replica-timeout",
+            f"{p.replica_timeout}s",
+            "--keep",
+            str(max(1, p.keep)),
+            "--json",
+        ]
+        proc = subprocess.Popen(  # stopped by stop(); SIGTERMed if the agent dies (it then ends its mirrors)
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=functools.partial(worker.set_pdeathsig, signal.SIGTERM),  # noqa: PLW1509 - prctl only
+        )
+        child = _Child(proc)
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+                    with child.lock:
+                        child.events.append(ev)
+                    self.agent.dirty.set()  # wake the scheduler now: alerts within the second
+            err = proc.stderr.read() if proc.stderr else ""
+            proc.wait()
+            with child.lock:
+                child.events.append({"event": "exit", "code": proc.returncode, "stderr": err.strip().splitlines()[-1:] or [""]})
+                child.done = True
+            self.agent.dirty.set()
+
+        threading.Thread(target=read, name=f"continuous-{spec.name}", daemon=True).start()
+        log.info("%s: continuous mode starting (pid %d)", spec.name, proc.pid)
+        return child
+
+    def _alert(self, rt: Runtime, kind: str, message: str, now: datetime) -> None:
+        self.agent.db.add_alert(rt.spec.name, kind, now.timestamp(), message)
+        self.agent.sink.deliver(Alert(kind, rt.spec.name, rt.state, message, now))
+
+    # ------------------------------------------------------------ the hook
+    def owns(self, rt: Runtime, now: datetime) -> bool:
+        """Drive the group's continuous mode; True while it runs (then no snapshot cycle may start)."""
+        spec = rt.spec
+        g = self.groups.setdefault(spec.name, _Group())
+        if g.child is not None:
+            with g.child.lock:
+                evs, g.child.events = g.child.events, []
+                done = g.child.done
+            for ev in evs:
+                self._event(rt, g, ev, now)
+            if done:
+                g.child = None
+                g.retry_at = time.monotonic() + self.retry_s
+        running = all(s == "running" for s in spec.member_states)
+        if g.child is None and running and rt.future is None and not self.agent.stopping and time.monotonic() >= g.retry_at:
+            g.child = self._spawn(rt)
+            g.mirror = "syncing"
+        self._write()
+        return g.child is not None
+
+    def _event(self, rt: Runtime, g: _Group, ev: dict[str, Any], now: datetime) -> None:
+        kind = ev.get("event")
+        if kind == "syncing":
+            g.mirror = "syncing"
+        elif kind == "in-sync":
+            g.mirror = "in-sync"
+            if g.degraded:
+                g.degraded = False
+                self._alert(rt, "continuous-restored", "mirrors in sync again (after a full resync)", now)
+        elif kind == "point":
+            pid, t = str(ev["point_id"]), str(ev["time_utc"])
+            rt.newest_id = pid
+            rt.newest_time = datetime.fromisoformat(t.replace("Z", "+00:00"))
+            rt.failures = 0
+            rt.last_error = None
+            g.last_point, g.last_point_time, g.last_cut_ms = pid, rt.newest_time.timestamp(), float(ev["cut_ms"])
+            ts = rt.newest_time.timestamp()
+            self.agent.db.add_cycle(
+                rt.spec.name,
+                started=ts,
+                ended=time.time(),
+                ok=True,
+                point_id=pid,
+                nbytes=0,
+                changed=None,
+                hold_ms=0.0,
+                error=None,
+            )
+        elif kind in ("degraded", "exit") and g.mirror != "degraded":
+            reason = str(ev.get("reason") or (ev.get("stderr") or [""])[0] or f"exit {ev.get('code')}")
+            g.mirror, g.reason = "degraded", reason
+            rt.last_error = f"continuous: {reason}"
+            if not g.degraded:
+                g.degraded = True
+                self._alert(
+                    rt, "continuous-degraded", f"{reason}; falling back to snapshot mode, retrying in {self.retry_s:.0f} s", now
+                )
+
+    def stop(self) -> None:
+        """Stop every child (SIGTERM: it aborts its mirrors and ends its replica session)."""
+        for g in self.groups.values():
+            if g.child is not None and g.child.proc.poll() is None:
+                g.child.proc.terminate()
+        for g in self.groups.values():
+            if g.child is not None:
+                try:
+                    g.child.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    g.child.proc.kill()
+
+    def _write(self) -> None:
+        if self.state_file is None:
+            return
+        data = {
+            name: {
+                "mode": "continuous",
+                "mirror": g.mirror,
+                "last_point": g.last_point,
+                "last_point_time": g.last_point_time,
+                "last_cut_ms": g.last_cut_ms,
+                "reason": g.reason,
+            }
+            for name, g in self.groups.items()
+        }
+        text = json.dumps(data, sort_keys=True)
+        if text == self._written:
+            return
+        with contextlib.suppress(OSError):
+            save_file(self.state_file, text.encode(), 0o644)
+            self._written = text
+
+    def metrics(self, registry: Any) -> None:
+        """Prometheus: mirror state (1 for the current one) and seconds since the last continuous point."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        agent = self
+
+        class Collector:
+            def collect(self) -> Any:
+                st = GaugeMetricFamily(
+                    "cgrep_continuous_mirror_state", "Mirror state of continuous mode", labels=["group", "state"]
+                )
+                age = GaugeMetricFamily(
+                    "cgrep_continuous_point_age_seconds", "Seconds since the last continuous point", labels=["group"]
+                )
+                now = datetime.now(UTC).timestamp()
+                for name, g in agent.groups.items():
+                    for s in ("syncing", "in-sync", "degraded"):
+                        st.add_metric([name, s], 1.0 if g.mirror == s else 0.0)
+                    if g.last_point_time is not None:
+                        age.add_metric([name], now - g.last_point_time)
+                yield st
+                yield age
+
+        registry.register(Collector())
+
+
+def read_sidecar(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """What the agent last wrote about its continuous groups ({} if none)."""
+    try:
+        data: dict[str, dict[str, Any]] = json.loads((state_dir / SIDECAR).read_bytes())
+        return data
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,1 @@
+"""Continuous mode: write-blocking mirrors to a replica-side daemon, points cut there (issue 9)."""

@@ -1,0 +1,351 @@
+"""One continuous-mode session: serve -> (forward) -> mirror -> READY -> points at the interval -> end.
+
+Guarantees:
+
+- no point is asked for before every disk's mirror is READY;
+- a point is committed only if no mirror left READY between the moment the
+  jobs were READY and ``grace`` seconds after the replica's cut (a failed
+  target write surfaces as a job failure within QEMU's 100 ms job slice):
+  so every write acknowledged before the cut is in the point, on every disk;
+- the replica flushes the frozen images inside its transaction and fsyncs
+  them before the manifest (replica/live.py): a committed point is durable;
+- the replica is pinged every 0.5 s; a request unanswered for
+  ``replica_timeout`` breaks the link (kills the ssh forwarder, or the local
+  daemon), so the jobs fail instead of blocking guest writes any longer;
+- every end of the session (point count reached, fault, signal) aborts the
+  jobs (never a pivot) and ends the replica session, which discards its
+  live images; a fault ends with StateError after a ``degraded`` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from libvirt_cgrep.continuous.mirror import Mirrors
+from libvirt_cgrep.core import continuous as cc
+from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.core.plan import point_id as make_point_id
+from libvirt_cgrep.core.plan import select_disks
+from libvirt_cgrep.core.retention import Policy
+from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, qemu_owner
+from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UnavailableError, UsageError
+from libvirt_cgrep.replica.link import Link, Target, ssh_argv
+from libvirt_cgrep.replica.receiver import manifest_to_dict
+
+Emit = Callable[[dict[str, Any]], None]
+PING_S = 0.5
+#: Deadline of requests that do real work on the replica (start, commit: checksums; prune: merges).
+LONG_S = 600.0
+
+
+@dataclass(frozen=True)
+class Options:
+    interval: float = 60.0
+    count: int | None = None
+    replica_timeout: float = 5.0
+    writethrough: bool = False
+    policy: Policy | None = None
+    grace: float = 0.3
+    ready_timeout: float = 600.0
+
+
+class _Broken(Exception):
+    """The link was broken on purpose (a replica that did not answer in time)."""
+
+
+class Session:
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        uri: str,
+        names: Sequence[str],
+        target: Target,
+        *,
+        set_name: str | None,
+        opts: Options,
+        emit: Emit,
+    ) -> None:
+        if not names:
+            raise UsageError("name at least one domain")
+        if len(names) > 1 and not set_name:
+            raise UsageError("several domains form one set: name it with --set NAME")
+        self.conn = conn
+        self.target = target
+        self.opts = opts
+        self.emit = emit
+        self.set_name = validate_name(set_name or names[0], "set name")
+        self.backends = [LibvirtBackend(conn, n, uri) for n in names]
+        self.link: Link | None = None
+        self.forwarder: subprocess.Popen[bytes] | None = None
+        self.fwd_dir: Path | None = None
+        self.daemon_pid: int | None = None
+        self.mirrors: list[Mirrors] = []
+        self.wake = threading.Event()
+        self.broke: str | None = None
+        self.points = 0
+        self.last_point: float | None = None
+
+    # ------------------------------------------------------------ plumbing
+    def _on_change(self, domain: str, target: str, state: str) -> None:
+        self.wake.set()
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str, seconds: float | None = None) -> Iterator[None]:
+        """Break the link if the body does not finish within ``seconds`` (default: the replica timeout less a ping)."""
+        limit = self.opts.replica_timeout - PING_S if seconds is None else seconds
+        timer = threading.Timer(max(0.1, limit), self._break_link, (what,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+        if self.broke:
+            raise _Broken(self.broke)
+
+    def _break_link(self, why: str) -> None:
+        """Make every NBD connection fail now: kill the ssh forwarder, or the local daemon; then the session."""
+        self.broke = f"the replica did not answer {why} within {self.opts.replica_timeout:g} s: link broken"
+        if self.forwarder is not None:
+            if self.forwarder.poll() is None:
+                self.forwarder.kill()
+            if self.link is not None and self.link.proc.poll() is None:
+                self.link.proc.kill()  # the far receiver sees the end of its stream and cleans up by itself
+        elif self.daemon_pid is not None:
+            # Local: the receiver is healthy (its daemon hung); it reports the lost daemon and cleans up on 'bye'.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.daemon_pid, signal.SIGKILL)
+        self.wake.set()
+
+    def _request(self, msg: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
+        """A request under a deadline: pings and cuts get the replica timeout; long work (start, commit) ``seconds``."""
+        assert self.link is not None
+        with self._deadline(str(msg.get("op")), seconds):
+            return self.link.request(msg)
+
+    def _states(self) -> tuple[dict[str, str], int]:
+        states: dict[str, str] = {}
+        failures = 0
+        for m in self.mirrors:
+            s, f = m.snapshot()
+            states.update({f"{m.name}/{t}": v for t, v in s.items()})
+            failures += f
+        return states, failures
+
+    def state(self) -> str:
+        return cc.mirror_state(self._states()[0])
+
+    # ------------------------------------------------------------ phases
+    def _forward(self, remote: str) -> str:
+        """``ssh -N -L local:remote`` (strict host keys, argv); the local socket handed to QEMU's user."""
+        self.fwd_dir = Path(tempfile.mkdtemp(prefix="cgrep-fwd-", dir=os.environ.get("CGREP_RUN_DIR") or None))
+        os.chmod(self.fwd_dir, 0o711)
+        local = str(self.fwd_dir / "nbd.sock")
+        argv = ssh_argv(
+            self.target, "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote}"
+        )
+        self.forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end = time.monotonic() + 15.0
+        while not os.path.exists(local):
+            if self.forwarder.poll() is not None or time.monotonic() > end:
+                err = (
+                    self.forwarder.stderr.read().decode(errors="replace").strip()
+                    if self.forwarder.poll() is not None and self.forwarder.stderr
+                    else ""
+                )
+                raise UnavailableError(
+                    f"the ssh forwarding to {self.target} did not start: {err.splitlines()[-1] if err else 'timeout'}"
+                )
+            time.sleep(0.02)
+        owner = qemu_owner()
+        if owner is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(local, *owner)
+        os.chmod(local, 0o660)
+        return local
+
+    def start(self) -> None:
+        for b in self.backends:
+            b.require_running()
+        disks: list[tuple[str, str, int]] = []
+        per_dom: dict[str, list[str]] = {}
+        for b in self.backends:
+            for d in select_disks(b.discover()):
+                size = int(b.dom.blockInfo(d.target)[0])
+                disks.append((b.name, d.target, size))
+                per_dom.setdefault(b.name, []).append(d.target)
+        self.link = Link(self.target, serve=True)
+        reply = self._request(
+            {"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}, LONG_S
+        )
+        socket = str(reply["socket"])
+        if self.target.host is None:
+            self.daemon_pid = int(reply["pid"])
+        else:
+            socket = self._forward(socket)
+        exports = {(d, t): e for d, t, e in reply["exports"]}
+        self.emit(
+            {
+                "event": "syncing",
+                "set": self.set_name,
+                "disks": len(disks),
+                "writethrough": self.opts.writethrough,
+                "daemon_pid": int(reply["pid"]),  # on the replica host
+                "forwarder_pid": self.forwarder.pid if self.forwarder else None,
+            }
+        )
+        t0 = time.monotonic()
+        for b in self.backends:
+            m = Mirrors(self.conn, b.dom, per_dom[b.name], self._on_change)
+            self.mirrors.append(m)
+            m.start(socket, {t: exports[(b.name, t)] for t in per_dom[b.name]})
+        for m in self.mirrors:
+            m.wait_ready(self.opts.ready_timeout, self._ping)
+        self.emit({"event": "in-sync", "set": self.set_name, "sync_s": round(time.monotonic() - t0, 3)})
+
+    def _ping(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_last_ping", 0.0) >= PING_S:
+            self._last_ping = now
+            self._request({"op": "ping", "timeout": self.opts.replica_timeout})
+
+    def point(self) -> dict[str, Any]:
+        """One point: cut on the replica, prove the mirrors stayed in sync across it, commit."""
+        states, failures = self._states()
+        if cc.mirror_state(states) != "in-sync":
+            raise StateError(f"mirrors not in sync: {states}")
+        # The point's time is taken before its overlays are prepared: the point holds at least every write
+        # acknowledged until then (conservative for the RPO).
+        now = datetime.now(UTC)
+        pid = make_point_id(now)
+        prep = self._request({"op": "prepare", "point_id": pid}, LONG_S)  # qemu-img only: slow under load, no daemon
+        cut = self._request({"op": "cut", "point_id": pid})  # the daemon: replica timeout
+        time.sleep(self.opts.grace)
+        states2, failures2 = self._states()
+        bad = [t for m in self.mirrors for t in m.check_jobs()]
+        if failures2 != failures or cc.mirror_state(states2) != "in-sync" or bad:
+            raise StateError(f"a mirror left READY around the cut of {pid}: point not committed ({states2}, gone: {bad})")
+        draft = mf.Manifest(
+            point_id=pid,
+            time_utc=now.isoformat().replace("+00:00", "Z"),
+            set_name=self.set_name,
+            group=self.set_name if len(self.backends) > 1 else None,
+            parent=None,
+            fence="none",
+            consistency="crash",
+            domains=tuple(mf.DomainRecord(*b.record()) for b in self.backends),
+            disks=tuple(
+                mf.DiskRecord(b.name, t, "", None, 0, 0, "", "", "")
+                for b, m in zip(self.backends, self.mirrors, strict=True)
+                for t in m.states
+            ),
+            extra={"mode": "continuous", "cut_ms": cut["cut_ms"], "prepare_ms": prep["prepare_ms"]},
+        )
+        reply = self._request({"op": "commit", "manifest": manifest_to_dict(draft)}, LONG_S)
+        pruned: list[str] = []
+        if self.opts.policy is not None:
+            pol = self.opts.policy
+            pruned = self._request(
+                {
+                    "op": "prune",
+                    "policy": {"keep_last": pol.keep_last, "keep_hourly": pol.keep_hourly, "keep_daily": pol.keep_daily},
+                    "now": now.isoformat(),
+                },
+                LONG_S,
+            )["deleted"]
+        self.points += 1
+        self.last_point = time.monotonic()
+        return {
+            "event": "point",
+            "set": self.set_name,
+            "point_id": pid,
+            "time_utc": draft.time_utc,
+            "cut_ms": cut["cut_ms"],
+            "prepare_ms": prep["prepare_ms"],
+            "preflush_ms": cut["preflush_ms"],
+            "commit_ms": reply["commit_ms"],
+            "pruned": pruned,
+        }
+
+    def run(self, stop: threading.Event) -> int:
+        """Start, then take points every interval until ``count`` points or ``stop``; StateError on a fault."""
+        try:
+            try:
+                self.start()
+                next_at = time.monotonic()
+                while not stop.is_set():
+                    states, _ = self._states()
+                    if cc.mirror_state(states) != "in-sync":
+                        raise StateError(f"mirror left READY: {', '.join(f'{k} {v}' for k, v in states.items() if v != 'ready')}")
+                    if time.monotonic() >= next_at:
+                        self.emit(self.point())
+                        next_at += self.opts.interval
+                        next_at = max(next_at, time.monotonic())
+                        if self.opts.count is not None and self.points >= self.opts.count:
+                            return 0
+                    self._ping()
+                    self.wake.wait(min(PING_S, max(0.0, next_at - time.monotonic())))
+                    self.wake.clear()
+                return 0
+            except _Broken as exc:
+                raise StateError(str(exc)) from None
+            except CgrepError as exc:
+                if self.broke:
+                    raise StateError(self.broke) from exc
+                raise
+        except CgrepError as exc:
+            self.emit(
+                {
+                    "event": "degraded",
+                    "set": self.set_name,
+                    "reason": str(exc),
+                    "states": self._states()[0],
+                    "points": self.points,
+                }
+            )
+            if isinstance(exc, UsageError | StateError | NotFoundError):
+                raise
+            raise StateError(f"continuous mode degraded: {exc}") from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the jobs (no pivot), end the replica session (it discards the live images), stop the forwarder."""
+        for m in self.mirrors:
+            m.abort()
+            m.close()
+        if self.link is not None:
+            if self.link.proc.poll() is None:
+                self.link.close()  # 'bye': the receiver stops its daemon and discards the live images (killed after 30 s)
+            else:
+                self.link.kill()
+            self.link = None
+        if self.forwarder is not None:
+            if self.forwarder.poll() is None:
+                self.forwarder.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.forwarder.wait(timeout=5)
+            if self.forwarder.poll() is None:
+                self.forwarder.kill()
+                self.forwarder.wait()
+            if self.forwarder.stderr is not None:
+                self.forwarder.stderr.close()
+            self.forwarder = None
+        if self.fwd_dir is not None:
+            shutil.rmtree(self.fwd_dir, ignore_errors=True)
+            self.fwd_dir = None

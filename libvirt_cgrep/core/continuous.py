@@ -1,0 +1,111 @@
+"""Continuous mode, pure part: replica-side cut plans, mirror states, export names.
+
+Guarantees of a replica cut plan (:func:`plan_cut`):
+
+- exactly ONE transaction over every exported disk of the set (every domain
+  of a group), so the cut is consistent across all of them;
+- each disk gets a new live overlay whose qcow2 backing is the name the
+  frozen image takes once committed (``<point id>.qcow2``), inside the same
+  directory, so every committed point's chain stays inside the target;
+- new node and file names never collide with the live ones (a sequence number).
+
+Mirror state of a set (:func:`mirror_state`): ``in-sync`` only when every
+disk's job is READY and none failed since; ``degraded`` as soon as one job
+failed, was cancelled or vanished; else ``syncing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.names import validate_name
+
+#: States a disk's copy job can be in, as the primary sees them.
+JOB_STATES = ("starting", "syncing", "ready", "failed", "cancelled", "gone")
+MIRROR_STATES = ("syncing", "in-sync", "degraded")
+
+
+def export_name(domain: str, target: str) -> str:
+    """The NBD export name of one disk (names are validated: no separators to escape)."""
+    return f"{validate_name(domain, 'domain name')}.{validate_name(target, 'disk target')}"
+
+
+def live_file(domain: str, target: str, seq: int) -> str:
+    """A live image, relative to the set directory: a staging name, so an unclean end discards it."""
+    return f"disks/{domain}/{target}/.staging-live{seq}.qcow2"
+
+
+def live_node(seq: int, index: int) -> str:
+    """A daemon node name (<= 31 chars) for disk ``index`` of live generation ``seq``."""
+    return f"lv{seq}x{index}"
+
+
+@dataclass(frozen=True)
+class LiveDisk:
+    """One exported disk: its live image (relative to the set directory), node and committed backing."""
+
+    domain: str
+    target: str
+    size: int
+    node: str
+    image: str
+    backing: str | None
+
+
+@dataclass(frozen=True)
+class CutStep:
+    """One disk of a replica cut: ``old`` is frozen as ``final``, ``new`` (backing ``new_backing``) takes the writes."""
+
+    old: LiveDisk
+    final: str
+    new: LiveDisk
+
+
+@dataclass(frozen=True)
+class ReplicaCut:
+    point_id: str
+    seq: int
+    steps: tuple[CutStep, ...]
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(node, overlay) of every action of the ONE transaction."""
+        return tuple((s.old.node, s.new.node) for s in self.steps)
+
+
+def first_live(disks: Sequence[tuple[str, str, int]], seq: int) -> tuple[LiveDisk, ...]:
+    """The first live images of a session: fresh bases (the mirror's full copy fills each one completely).
+
+    So a session's first point never reads an older point, and retention may
+    merge older points while the daemon runs.
+    """
+    return tuple(
+        LiveDisk(domain, target, size, live_node(seq, i), live_file(domain, target, seq), None)
+        for i, (domain, target, size) in enumerate(disks)
+    )
+
+
+def plan_cut(point_id: str, live: Sequence[LiveDisk], seq: int) -> ReplicaCut:
+    """ONE transaction over every live disk: freeze each as ``<point_id>.qcow2``, continue on a new overlay."""
+    if not mf.valid_point_id(point_id):
+        raise ValueError(f"invalid point id {point_id!r}")
+    if not live:
+        raise ValueError("a cut needs at least one disk")
+    steps = []
+    for i, d in enumerate(live):
+        final = mf.disk_image_name(d.domain, d.target, point_id)
+        new = LiveDisk(d.domain, d.target, d.size, live_node(seq, i), live_file(d.domain, d.target, seq), f"{point_id}.qcow2")
+        if new.node == d.node or new.image == d.image:
+            raise ValueError(f"live generation {seq} collides with the current one")
+        steps.append(CutStep(d, final, new))
+    return ReplicaCut(point_id, seq, tuple(steps))
+
+
+def mirror_state(jobs: Mapping[str, str]) -> str:
+    """``in-sync`` iff every job is ready; ``degraded`` if any failed, was cancelled or is gone; else ``syncing``."""
+    if not jobs or any(s in ("failed", "cancelled", "gone") for s in jobs.values()):
+        return "degraded"
+    if all(s == "ready" for s in jobs.values()):
+        return "in-sync"
+    return "syncing"

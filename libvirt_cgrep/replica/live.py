@@ -1,0 +1,417 @@
+"""``virt-cgrep receive --serve PATH``: the replica side of continuous mode, on stdin/stdout.
+
+The session owns the target (its lock, for the whole session) and one
+supervised ``qemu-storage-daemon`` that exports the set's live images over
+NBD (one unix socket, one export per disk). The primary mirrors every disk
+into its export; a cut is ONE transaction across every exported node of the
+set (every domain of a group), over overlays created and added beforehand.
+
+Commit rule (as :mod:`libvirt_cgrep.replica.store`): the frozen images are
+flushed by QEMU inside the transaction (``blockdev-snapshot`` flushes the old
+node), then fsynced, renamed and named by a manifest written last, only when
+the primary confirms (``commit``) that every mirror stayed in sync up to the
+cut. Live images are staging files: if the session ends in any other way
+than a commit, nothing of them survives the next open of the target.
+
+Requests (stream protocol v1): ``start``, ``prepare``, ``cut``, ``commit``, ``ping``,
+``prune``, ``points``, ``bye``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from libvirt_cgrep.adapters import nbd
+from libvirt_cgrep.adapters.fs import fsync_dir, save_file
+from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
+from libvirt_cgrep.adapters.qsd import StorageDaemon
+from libvirt_cgrep.core import continuous as cc
+from libvirt_cgrep.core.retention import PointTime, Policy
+from libvirt_cgrep.core.retention import prune as prune_ids
+from libvirt_cgrep.engine.libvirt_backend import qemu_owner
+from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
+from libvirt_cgrep.replica import protocol as proto
+from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict, point_listing
+from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_file
+
+#: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
+RUN_DIR_ENV = "CGREP_RUN_DIR"
+#: Test-only negative control: cut disk by disk, this many ms apart (never one transaction).
+FAULT_SPLIT_CUT_ENV = "CGREP_FAULT_SPLIT_CUT_MS"
+#: The session ends when the primary is silent this long (it pings every 0.5 s).
+IDLE_S = 30
+
+
+class _Idle(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Idle()
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child: SIGKILL it when this receiver dies (PR_SET_PDEATHSIG), so no daemon outlives us."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class ServeSession:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.daemon: StorageDaemon | None = None
+        self.run_dir: Path | None = None
+        self.set_name: str | None = None
+        self.live: tuple[cc.LiveDisk, ...] = ()
+        self.seq = 0
+        self.pending: cc.ReplicaCut | None = None
+        self.prepared: cc.ReplicaCut | None = None
+        self.broken: str | None = None
+        self.flushers: list[nbd.NBDClient] = []
+        #: the daemon's node of every disk of every point this session cut: {point id: {(domain, target): node}}
+        self.nodes: dict[str, dict[tuple[str, str], str]] = {}
+
+    # ---------------------------------------------------------------- start
+    def start(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.daemon is not None:
+            raise StateError("this session already serves a set")
+        set_name = str(msg["set"])
+        sdir = self.store.set_dir(set_name)
+        disks = [(str(d), str(t), int(s)) for d, t, s in msg["disks"]]
+        if not disks:
+            raise UsageError("continuous mode needs at least one disk")
+        (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
+        pts = self.store.points(set_name)
+        newest = pts[-1] if pts else None
+        self.seq = 1
+        live = cc.first_live(disks, self.seq)
+        base = os.environ.get(RUN_DIR_ENV) or tempfile.gettempdir()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="cgrep-serve-", dir=base))
+        os.chmod(self.run_dir, 0o711)  # QEMU's user must reach the NBD socket (the socket itself is 0660, its own)
+        self.set_name = set_name
+        made: list[Path] = []
+        try:
+            self.daemon = StorageDaemon(self.run_dir, preexec=_die_with_parent)
+            self.daemon.start_nbd(qemu_owner())
+            for d in live:
+                path = sdir / d.image
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path.unlink(missing_ok=True)
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+                if d.backing:
+                    argv += ["-F", "qcow2", "-b", d.backing]
+                run([*argv, str(path), str(d.size)], timeout=60)
+                made.append(path)
+                self.daemon.add_image(d.node, str(path))
+                self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=bool(msg.get("writethrough")))
+            # One NBD client per export, to flush them before each cut (outside the transaction's drain).
+            self.flushers = [nbd.NBDClient(self.daemon.nbd_path, cc.export_name(d.domain, d.target)) for d in live]
+        except BaseException:
+            self._teardown()
+            for p in made:
+                p.unlink(missing_ok=True)
+            raise
+        self.live = live
+        return {
+            "ok": True,
+            "socket": self.daemon.nbd_path,
+            "pid": self.daemon.pid,
+            "exports": [[d.domain, d.target, cc.export_name(d.domain, d.target)] for d in live],
+            "parent": newest.point_id if newest else None,
+        }
+
+    # ------------------------------------------------------------------ cut
+    def _require(self) -> tuple[StorageDaemon, str]:
+        if self.broken:
+            raise StateError(f"the session is broken: {self.broken}")
+        if self.daemon is None or self.set_name is None:
+            raise StateError("no set is served (start first)")
+        if not self.daemon.alive():
+            self.broken = "the storage daemon died"
+            raise StateError("the storage daemon died")
+        return self.daemon, self.set_name
+
+    def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Create the next live overlays' files (``qemu-img``; the daemon is not involved): slow work, before the cut."""
+        _, set_name = self._require()
+        if self.pending is not None:
+            raise StateError("a cut is waiting for its commit")
+        sdir = self.store.set_dir(set_name)
+        self._drop_prepared()
+        plan = cc.plan_cut(str(msg["point_id"]), self.live, self.seq + 1)
+        if any((sdir / s.final).exists() for s in plan.steps):
+            raise StateError(f"point {plan.point_id} already exists")
+        t0 = time.monotonic()
+        self.prepared = plan
+        for s in plan.steps:
+            path = sdir / s.new.image
+            path.unlink(missing_ok=True)
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(s.new.backing)]
+            run([*argv, str(path), str(s.new.size)], timeout=60)
+        return {"ok": True, "point_id": plan.point_id, "prepare_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+
+    def _drop_prepared(self) -> None:
+        if self.prepared is not None and self.set_name is not None:
+            for s in self.prepared.steps:
+                (self.store.set_dir(self.set_name) / s.new.image).unlink(missing_ok=True)
+        self.prepared = None
+
+    def cut(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Add the prepared overlays (``"backing": null``), flush the exports, then ONE transaction.
+
+        The frozen images wait for ``commit``.
+        """
+        daemon, set_name = self._require()
+        plan = self.prepared
+        if plan is None or plan.point_id != msg.get("point_id"):
+            raise StateError("cut without its prepare")
+        sdir = self.store.set_dir(set_name)
+        t0 = time.monotonic()
+        added: list[cc.LiveDisk] = []
+        try:
+            for s in plan.steps:
+                added.append(s.new)
+                daemon.add_image(s.new.node, str(sdir / s.new.image), backing_null=True)
+            add_ms = (time.monotonic() - t0) * 1000.0
+            # Write back what the exports cached now, so the flush QEMU does inside the transaction
+            # (blockdev-snapshot flushes the old node, guest I/O drained) finds little left to write.
+            t1 = time.monotonic()
+            for c in self.flushers:
+                c.send_flush()
+            for c in self.flushers:
+                c.wait()
+            preflush_ms = (time.monotonic() - t1) * 1000.0
+            split = float(os.environ.get(FAULT_SPLIT_CUT_ENV, "0") or 0)
+            if split:
+                cut_ms = 0.0
+                for pair in plan.pairs():
+                    cut_ms += daemon.snapshot([pair])
+                    time.sleep(split / 1000.0)
+            else:
+                cut_ms = daemon.snapshot(plan.pairs())
+        except QMPOutcomeUnknown as exc:
+            self.broken = f"the cut's outcome is unknown: {exc}"
+            raise
+        except BaseException:
+            for n in added:
+                daemon.del_image(n.node)
+            self._drop_prepared()
+            raise
+        self.prepared = None
+        self.pending = plan
+        self.seq = plan.seq
+        self.live = tuple(s.new for s in plan.steps)
+        return {
+            "ok": True,
+            "point_id": plan.point_id,
+            "add_ms": round(add_ms, 3),
+            "preflush_ms": round(preflush_ms, 3),
+            "cut_ms": round(cut_ms, 3),
+        }
+
+    def commit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Make the pending cut a point (fsync, rename, manifest last); ``abort`` ends the session instead."""
+        _, set_name = self._require()
+        plan = self.pending
+        if plan is None:
+            raise StateError("commit without a cut")
+        sdir = self.store.set_dir(set_name)
+        draft = manifest_from_dict(msg["manifest"], committed=False)
+        if draft.point_id != plan.point_id:
+            raise UsageError(f"commit names point {draft.point_id}, the cut was {plan.point_id}")
+        pts = self.store.points(set_name)
+        draft = replace(draft, parent=pts[-1].point_id if pts else None)
+        t0 = time.monotonic()
+        staged = [
+            StagedDisk(s.old.domain, s.old.target, s.old.size, sdir / s.old.image, sdir / s.final, s.old.backing)
+            for s in plan.steps
+        ]
+        shipped = {(s.domain, s.target): os.stat(s.path).st_blocks * 512 for s in staged}
+        try:
+            final = self.store.commit(set_name, draft, staged, shipped)
+        except BaseException as exc:
+            self.broken = f"commit failed: {exc}"
+            raise
+        self.pending = None
+        self.nodes[plan.point_id] = {(st.old.domain, st.old.target): st.old.node for st in plan.steps}
+        return {"ok": True, "manifest": manifest_to_dict(final), "commit_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+
+    def ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+        daemon, _ = self._require()
+        return {"ok": True, "ms": round(daemon.ping(float(msg.get("timeout", 2.0))), 3)}
+
+    def prune(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Retention while serving: older points merge as in snapshot mode; this session's points merge in the daemon."""
+        _, set_name = self._require()
+        pol = Policy(**msg["policy"])
+        now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
+        deleted = self.store.prune(set_name, pol, now, protect=frozenset(self.nodes))
+        pts = self.store.points(set_name)
+        doomed = prune_ids([PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts], now, pol)
+        for pid in doomed:
+            if pid in self.nodes:
+                self._merge(set_name, pid)
+                deleted.append(pid)
+        return {"ok": True, "deleted": deleted}
+
+    def _merge(self, set_name: str, x_id: str) -> None:
+        """Merge this session's point X into its child C with ``block-commit`` jobs in the daemon, exports live.
+
+        The same steps and intent file as :meth:`Store.prune` (so a crash is
+        finished by the next open): intent, X's manifest removed, C's clusters
+        committed into X's image (C's view never changes), X's image renamed
+        over C's, C's manifest rewritten; the layer above C keeps its backing
+        name (``C.qcow2``), which now names the merged image.
+        """
+        daemon, _ = self._require()
+        sdir = self.store.set_dir(set_name)
+        pts = self.store.points(set_name)
+        ids = [m.point_id for m in pts]
+        i = ids.index(x_id)
+        if i + 1 >= len(pts):
+            return  # never the newest
+        x, c = pts[i], pts[i + 1]
+        above = pts[i + 2] if i + 2 < len(pts) else None
+        if c.point_id not in self.nodes:
+            return
+        intent = {"point": x_id, "child": c.point_id, "parent": x.parent or ""}
+        ipath = sdir / f"prune-{x_id}.json"
+        save_file(ipath, json.dumps(intent).encode(), 0o600)
+        mpath = sdir / "points" / f"{x_id}.json"
+        mpath.unlink()
+        fsync_dir(mpath.parent)
+        live = {(d.domain, d.target): d.node for d in self.live}
+        for d in c.disks:
+            key = (d.domain, d.target)
+            x_node, c_node = self.nodes[x_id][key], self.nodes[c.point_id][key]
+            daemon.qmp.job(
+                "block-commit",
+                {
+                    "job-id": f"cgrep-merge-{c_node}",
+                    "device": live[key],
+                    "top-node": c_node,
+                    "base-node": x_node,
+                    "backing-file": f"{c.point_id}.qcow2",
+                    "auto-dismiss": False,
+                },
+                timeout=3600.0,
+            )
+            x_img = (sdir / d.image).parent / f"{x_id}.qcow2"
+            os.replace(x_img, sdir / d.image)
+            fsync_dir(x_img.parent)
+            daemon.del_image(c_node)
+            self.nodes[c.point_id][key] = x_node
+        xrec = {(d.domain, d.target): d for d in x.disks}
+        new_disks = [replace(d, backing=xrec[(d.domain, d.target)].backing, sha256=sha256_file(sdir / d.image)) for d in c.disks]
+        save_file(sdir / "points" / f"{c.point_id}.json", replace(c, disks=tuple(new_disks), parent=x.parent).to_json(), 0o600)
+        if above is not None:  # its header was rewritten (same backing name): keep its checksum true
+            new_above = [replace(d, sha256=sha256_file(sdir / d.image)) for d in above.disks]
+            save_file(sdir / "points" / f"{above.point_id}.json", replace(above, disks=tuple(new_above)).to_json(), 0o600)
+        del self.nodes[x_id]
+        ipath.unlink()
+        fsync_dir(sdir)
+
+    # --------------------------------------------------------------- teardown
+    def _teardown(self) -> None:
+        for c in self.flushers:
+            with contextlib.suppress(Exception):
+                c.sock.close()
+        self.flushers = []
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def close(self) -> None:
+        """Stop the daemon and discard every live (uncommitted) image."""
+        self._teardown()
+        self._drop_prepared()
+        if self.set_name is not None:
+            sdir = self.store.set_dir(self.set_name)
+            for d in self.live:
+                (sdir / d.image).unlink(missing_ok=True)
+            if self.pending is not None:
+                for s in self.pending.steps:
+                    (sdir / s.old.image).unlink(missing_ok=True)
+            self.live = ()
+            self.pending = None
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "start":
+            return self.start(msg)
+        if op == "prepare":
+            return self.prepare(msg)
+        if op == "cut":
+            return self.cut(msg)
+        if op == "commit":
+            return self.commit(msg)
+        if op == "ping":
+            return self.ping(msg)
+        if op == "prune":
+            return self.prune(msg)
+        if op == "points":
+            pts = self.store.points(msg["set"])
+            return {
+                "ok": True,
+                "points": [manifest_to_dict(m) for m in pts],
+                "listing": [point_listing(self.store, m) for m in pts],
+            }
+        raise UsageError(f"unknown request {op!r}")
+
+
+def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
+    """Run one continuous session; 0 on a clean end (``bye``), 1 after a reported failure."""
+    proto.write_header(out)
+    proto.read_header(inp)
+    try:
+        store = Store.open(root)
+    except CgrepError as exc:
+        proto.send(out, proto.error_reply(exc))
+        out.flush()
+        return 1
+    session = ServeSession(store)
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "serve": True})
+        out.flush()
+        signal.signal(signal.SIGALRM, _on_alarm)
+        while True:
+            signal.alarm(IDLE_S)
+            try:
+                got = proto.recv(inp)
+            except _Idle:
+                return 1
+            finally:
+                signal.alarm(0)
+            if got is None or got[0].get("op") == "bye":
+                return 0
+            try:
+                reply = session.handle(got[0])
+            except CgrepError as exc:
+                reply = proto.error_reply(exc)
+            except Exception as exc:  # a bug: report it, end the session (live images discarded)
+                proto.send(out, proto.error_reply(InternalError(f"{type(exc).__name__}: {exc}")))
+                out.flush()
+                return 1
+            proto.send(out, reply)
+            out.flush()
+    except (KeyboardInterrupt, OSError, proto.StreamError, QMPError):
+        return 1
+    finally:
+        session.close()
+        store.close()
