@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from libvirt_cgrep.adapters.proc import stop
 from libvirt_cgrep.errors import CommandError
 
 _NBDMAGIC = b"NBDMAGIC"
@@ -191,12 +192,6 @@ def serve(image: Path, fmt: str = "qcow2", timeout: float = 30.0) -> Iterator[NB
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.sock.close()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, timeout=5)
             if proc.stderr:
                 proc.stderr.close()

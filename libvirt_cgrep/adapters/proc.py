@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from libvirt_cgrep.errors import CommandError, UnavailableError
 
@@ -53,3 +56,16 @@ def run(
         last = lines[-1] if lines else f"exit status {proc.returncode}"
         raise error(f"{' '.join(argv[:2])} failed (exit {proc.returncode}): {last}")
     return proc.stdout.decode(errors="replace")
+
+
+def stop(proc: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    """Signal ``proc`` (SIGTERM), wait up to ``timeout`` s, then SIGKILL and wait; returns its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from typing import Any
 import libvirt
 
 from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.adapters.proc import stop
 from libvirt_cgrep.core.rpo import parse_duration
 from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab import relay
@@ -174,13 +174,7 @@ def agent(walk: Walk) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout=90)
         log.close()
 
 

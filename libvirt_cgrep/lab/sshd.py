@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from libvirt_cgrep.adapters.proc import stop
 from libvirt_cgrep.errors import UnavailableError
 
 
@@ -85,9 +86,4 @@ def loopback_sshd(d: Path) -> Iterator[Sshd]:
             time.sleep(0.05)
         yield Sshd(port, d / "ssh_config")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=5)

@@ -43,7 +43,7 @@ from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
 from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
-from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict, point_listing
+from libvirt_cgrep.replica.receiver import IdleTimeout, manifest_from_dict, manifest_to_dict, on_idle_alarm, point_listing
 from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_file
 
 #: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
@@ -52,14 +52,6 @@ RUN_DIR_ENV = "CGREP_RUN_DIR"
 FAULT_SPLIT_CUT_ENV = "CGREP_FAULT_SPLIT_CUT_MS"
 #: The session ends when the primary is silent this long (it pings every 0.5 s).
 IDLE_S = 30
-
-
-class _Idle(Exception):
-    pass
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _Idle()
 
 
 def _die_with_parent() -> None:
@@ -389,12 +381,12 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
     try:
         proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "serve": True})
         out.flush()
-        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.signal(signal.SIGALRM, on_idle_alarm)
         while True:
             signal.alarm(IDLE_S)
             try:
                 got = proto.recv(inp)
-            except _Idle:
+            except IdleTimeout:
                 return 1
             finally:
                 signal.alarm(0)

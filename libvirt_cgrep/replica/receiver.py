@@ -224,12 +224,13 @@ IDLE_TIMEOUT_ENV = "CGREP_RECEIVER_IDLE_S"
 DEFAULT_IDLE_S = 300
 
 
-class _Idle(Exception):
-    pass
+class IdleTimeout(Exception):
+    """The sender said nothing for the idle timeout (raised from SIGALRM by :func:`on_idle_alarm`)."""
 
 
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _Idle()
+def on_idle_alarm(signum: int, frame: object) -> None:
+    """SIGALRM handler of a receiving session: the link is idle past its timeout."""
+    raise IdleTimeout()
 
 
 class StreamIdleError(CgrepError):
@@ -253,7 +254,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
         idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
         # Payloads go from the link's pipe straight into qemu-nbd's socket when ``inp`` is an unbuffered pipe.
         splice_fd = inp.fileno() if isinstance(inp, io.RawIOBase) and nbd.spliceable(inp.fileno()) else None
-        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.signal(signal.SIGALRM, on_idle_alarm)
         while True:
             signal.alarm(idle)
             try:
@@ -266,7 +267,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
                     session.splice_data(msg, splice_fd)
                     continue
                 payload = proto.recv_payload(inp, msg)
-            except _Idle:
+            except IdleTimeout:
                 raise StreamIdleError(f"no message from the sender for {idle} s: giving up, nothing committed") from None
             finally:
                 signal.alarm(0)
