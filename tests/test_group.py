@@ -262,7 +262,7 @@ def test_agent_sigkilled_during_a_group_hold(
             assert time.monotonic() - paused_at < deadline_s + 1, "a member still paused past the deadline + 1 s"
             time.sleep(0.005)
         resumed_ms = 1000 * (time.monotonic() - paused_at)
-        wait_for("the orphaned cycle to end", lambda: not any(cgrep_processes(n) for n in names), 30)
+        wait_for("the orphaned cycle to end", lambda: not any(cgrep_processes(n) for n in names), 60)
     finally:
         if agent.poll() is None:
             agent.kill()

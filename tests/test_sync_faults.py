@@ -130,15 +130,18 @@ def replica_files(root: Path) -> tuple[set[Path], set[Path]]:
 
 def receivers(path: Path) -> list[str]:
     """Processes serving ``receive PATH`` (the local child, or the far side of an ssh link)."""
-    out = subprocess.run(["pgrep", "-f", f"libvirt_cgrep receive {path}"], capture_output=True, text=True, check=False)
+    # the far side: 'python -m libvirt_cgrep receive PATH'; a local target: the lean 'libvirt_cgrep.replica.serve PATH'
+    pattern = f"libvirt_cgrep( receive|[.]replica[.]serve)( --read-only)? {path}$"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
     return out.stdout.split()
 
 
-def wait_no_receiver(path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_no_receiver(path: Path, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
     while receivers(path):
-        assert time.monotonic() < deadline, f"a receiver of {path} survived: {receivers(path)}"
+        assert time.monotonic() < t0 + timeout, f"a receiver of {path} survived: {receivers(path)}"
         time.sleep(0.1)
+    print(f"receiver of {path.name} gone {time.monotonic() - t0:.1f} s after the fault")
 
 
 def seed(conn: libvirt.virConnect, vm: labdom.LabDomain, target: str) -> str:

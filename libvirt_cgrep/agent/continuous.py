@@ -80,6 +80,7 @@ class Continuous:
         spec = rt.spec
         p = spec.protection
         argv = [
+            *self.agent.runner.exec_prefix,  # a fresh interpreter: a long-lived session, not a forked cycle
             *self.agent._cli(),
             "continuous",
             *spec.members,

@@ -78,9 +78,10 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
     """Open one backend per guest named on the command line; close them afterwards."""
     out: list[Backend] = []
+    group = getattr(args, "group", None)  # point and sync take --group; chain does not
     try:
         if args.backend == "qmp":
-            if args.domains or args.group:
+            if args.domains or group:
                 raise UsageError("with --backend qmp, name the guests with --qmp SOCKET, not DOMAIN or --group")
             if not args.qmp:
                 raise UsageError("--backend qmp needs --qmp SOCKET")
@@ -94,15 +95,15 @@ def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
         else:
             if args.qmp or args.guardian_qmp:
                 raise UsageError("--qmp goes with --backend qmp")
-            if args.group and args.domains:
+            if group and args.domains:
                 raise UsageError("give DOMAIN... or --group NAME, not both")
-            if not args.domains and not args.group:
+            if not args.domains and not group:
                 raise UsageError("name at least one DOMAIN (or --group NAME)")
             uri = args.connect or lv.default_uri()
-            if args.group:
+            if group:
                 from libvirt_cgrep.cli.agent import group_members
 
-                names = group_members(lv.connect(uri), validate_name(args.group, "group name"))
+                names = group_members(lv.connect(uri), validate_name(group, "group name"))
             else:
                 names = [validate_name(d, "domain name") for d in args.domains]
             if len(set(names)) != len(names):
