@@ -50,6 +50,9 @@ class NBDClient:
         self.window = window
         self.pending = 0
         self.handle = 0
+        #: a write request was sent without all of its payload: the server waits for the rest, so no
+        #: reply will come; close() then drops the connection instead of waiting (a wait would hang)
+        self.broken = False
         self.size = self._handshake(export)
 
     def _recv(self, n: int) -> bytes:
@@ -118,11 +121,15 @@ class NBDClient:
         self.sock.sendall(struct.pack(">IHHQQI", _REQ_MAGIC, 0, _CMD_WRITE, self.handle, offset, length))
         out = self.sock.fileno()
         done = 0
-        while done < length:
-            n = os.splice(fd, out, length - done)
-            if n == 0:
-                raise NBDError("the link broke mid-payload")
-            done += n
+        try:
+            while done < length:
+                n = os.splice(fd, out, length - done)
+                if n == 0:
+                    raise NBDError("the link broke mid-payload")
+                done += n
+        except BaseException:
+            self.broken = True
+            raise
         self.pending += 1
         if self.pending >= self.window:
             self.wait()
@@ -140,9 +147,10 @@ class NBDClient:
         self._request(_CMD_FLUSH, 0, 0)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.wait()
-            self.sock.sendall(struct.pack(">IHHQQI", _REQ_MAGIC, 0, _CMD_DISC, 0, 0, 0))
+        if not self.broken:
+            with contextlib.suppress(OSError):
+                self.wait()
+                self.sock.sendall(struct.pack(">IHHQQI", _REQ_MAGIC, 0, _CMD_DISC, 0, 0, 0))
         self.sock.close()
 
 
