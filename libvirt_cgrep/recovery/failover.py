@@ -503,12 +503,7 @@ def cleanup_run(conn: libvirt.virConnect, root: Path, j: rc.Journal) -> list[str
 def rollback(conn: libvirt.virConnect, root: Path, name: str) -> list[str]:
     """Undo the unfinished failover of set (or domain) ``name``: its domains go (replaced definitions come back)."""
     ro = Store.open(root, create=False, readonly=True)
-    sel_sets = (
-        [name]
-        if name in ro.sets()
-        else [s for s in ro.sets() if any(d.original == name for j in journals(root, s) for d in j.domains)]
-    )
-    runs = [j for s in sel_sets for j in journals(root, s) if j.kind == "failover" and j.state != "done"]
+    runs = _unfinished(root, ro, name, "failover")
     if not runs:
         raise NotFoundError(f"no unfinished failover of {name!r} on target {root}")
     notes: list[str] = []
@@ -517,14 +512,21 @@ def rollback(conn: libvirt.virConnect, root: Path, name: str) -> list[str]:
     return notes
 
 
+def _unfinished(root: Path, ro: Store, name: str, kind: str) -> list[rc.Journal]:
+    """Unfinished runs of ``kind`` for set ``name``, or for the sets whose runs recovered domain ``name``."""
+    sets = (
+        [name]
+        if name in ro.sets()
+        else [s for s in ro.sets() if any(d.original == name for j in journals(root, s) for d in j.domains)]
+    )
+    return [j for s in sets for j in journals(root, s) if j.kind == kind and j.state != "done"]
+
+
 def cleanup_tests(conn: libvirt.virConnect, root: Path, name: str) -> tuple[list[str], list[str]]:
     """Remove every unfinished test failover of set (or domain) ``name``: (runs removed, notes)."""
     validate_name(name, "group or domain name")
     ro = Store.open(root, create=False, readonly=True)
-    sets = [name] if name in ro.sets() else []
-    if not sets:
-        sets = [s for s in ro.sets() if any(d.original == name for j in journals(root, s) for d in j.domains)]
-    runs = [j for s in sets for j in journals(root, s) if j.kind == "test-failover" and j.state != "done"]
+    runs = _unfinished(root, ro, name, "test-failover")
     if not runs:
         raise NotFoundError(f"no test failover of {name!r} on target {root}")
     notes: list[str] = []

@@ -43,7 +43,7 @@ from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
 from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
-from libvirt_cgrep.replica.receiver import IdleTimeout, manifest_from_dict, manifest_to_dict, on_idle_alarm, point_listing
+from libvirt_cgrep.replica.receiver import IdleTimeout, manifest_from_dict, manifest_to_dict, on_idle_alarm, points_reply
 from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_file
 
 #: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
@@ -357,12 +357,7 @@ class ServeSession:
         if op == "prune":
             return self.prune(msg)
         if op == "points":
-            pts = self.store.points(msg["set"])
-            return {
-                "ok": True,
-                "points": [manifest_to_dict(m) for m in pts],
-                "listing": [point_listing(self.store, m) for m in pts],
-            }
+            return points_reply(self.store, msg["set"])
         raise UsageError(f"unknown request {op!r}")
 
 

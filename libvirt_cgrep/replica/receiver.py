@@ -71,6 +71,16 @@ def verify_point(store: Store, m: mf.Manifest, *, write_order: bool = False) -> 
     return result
 
 
+def points_reply(store: Store, set_name: str) -> dict[str, Any]:
+    """The answer to a ``points`` request: each committed point's manifest and its listing row."""
+    pts = store.points(set_name)
+    return {
+        "ok": True,
+        "points": [manifest_to_dict(m) for m in pts],
+        "listing": [point_listing(store, m) for m in pts],
+    }
+
+
 def point_listing(store: Store, m: mf.Manifest) -> dict[str, Any]:
     sdir = store.set_dir(m.set_name)
     return {
@@ -127,12 +137,7 @@ class _Session:
         if op == "sets":
             return {"ok": True, "sets": self.store.sets()}
         if op == "points":
-            pts = self.store.points(msg["set"])
-            return {
-                "ok": True,
-                "points": [manifest_to_dict(m) for m in pts],
-                "listing": [point_listing(self.store, m) for m in pts],
-            }
+            return points_reply(self.store, msg["set"])
         if op == "begin":
             if self.staged:
                 raise StateError("a point is already being received")
