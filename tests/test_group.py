@@ -237,9 +237,6 @@ def test_member_down_blocks_the_group_until_unprotected(
 # ---------------------------------------------------------------------------- faults
 
 
-# slow tier for now: passes alone (members running 600 ms after the pause), but in the full default-tier run a
-# process naming a member outlived the killed agent by over 60 s, twice (cause not found; see the session note).
-@pytest.mark.slow
 def test_agent_sigkilled_during_a_group_hold(
     conn: libvirt.virConnect, lab_group: GroupFactory, agent_dir: Path, tmp_path: Path
 ) -> None:
@@ -265,7 +262,11 @@ def test_agent_sigkilled_during_a_group_hold(
             assert time.monotonic() - paused_at < deadline_s + 1, "a member still paused past the deadline + 1 s"
             time.sleep(0.005)
         resumed_ms = 1000 * (time.monotonic() - paused_at)
-        wait_for("the orphaned cycle to end", lambda: not any(cgrep_processes(n) for n in names), 60)
+        left = lambda: [p for n in names for p in cgrep_processes(n) if "lab.relay" not in p]  # noqa: E731
+        t_end = time.monotonic() + 60
+        while left():
+            assert time.monotonic() < t_end, f"the orphaned cycle still runs 60 s after the agent died: {left()}"
+            time.sleep(0.1)
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -95,7 +95,9 @@ class NBDClient:
             self.wait()
 
     def wait(self) -> None:
-        """Collect every outstanding reply; raise on the first error."""
+        """Collect every outstanding reply; raise on the first error (at once on a broken connection)."""
+        if self.broken and self.pending:
+            raise NBDError("the NBD connection broke mid-request: no reply can come")
         while self.pending:
             magic, error, _handle = struct.unpack(">IIQ", self._recv(16))
             self.pending -= 1
@@ -191,6 +193,8 @@ def serve(image: Path, fmt: str = "qcow2", timeout: float = 30.0) -> Iterator[NB
                         raise NBDError(f"qemu-nbd did not start for {image}") from None
                     time.sleep(0.01)
             yield client
+            if client.broken:
+                raise NBDError(f"a write into {image} broke off mid-payload: not flushed")
             client.flush()
             client.close()
             client = None

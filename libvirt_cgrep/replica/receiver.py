@@ -105,6 +105,10 @@ def _enter(cm: _Writer) -> tuple[_Writer, nbd.NBDClient]:
     return cm, cm.__enter__()
 
 
+class _Aborted(Exception):
+    """Thrown into the open writers when a session is abandoned."""
+
+
 class _Session:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -114,8 +118,11 @@ class _Session:
         self.stack = contextlib.ExitStack()
 
     def abort(self) -> None:
+        # closed as if by an exception: the writers skip their final flush (the images are discarded, and a
+        # connection left mid-payload by a broken link would never answer one)
         with contextlib.suppress(Exception):
-            self.stack.close()
+            self.stack.__exit__(_Aborted, _Aborted(), None)
+        self.stack = contextlib.ExitStack()
         self.writers = {}
         self.store.discard(self.staged)
         self.staged = []
