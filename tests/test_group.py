@@ -262,7 +262,10 @@ def test_agent_sigkilled_during_a_group_hold(
             assert time.monotonic() - paused_at < deadline_s + 1, "a member still paused past the deadline + 1 s"
             time.sleep(0.005)
         resumed_ms = 1000 * (time.monotonic() - paused_at)
-        left = lambda: [p for n in names for p in cgrep_processes(n) if "lab.relay" not in p]  # noqa: E731
+
+        def left() -> list[str]:
+            return [p for n in names for p in cgrep_processes(n) if "lab.relay" not in p]
+
         t_end = time.monotonic() + 60
         while left():
             assert time.monotonic() < t_end, f"the orphaned cycle still runs 60 s after the agent died: {left()}"

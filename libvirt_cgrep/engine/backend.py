@@ -20,6 +20,8 @@ class Backend(Protocol):
 
     #: ``libvirt`` or ``qmp``
     kind: str
+    #: whether calls for different disks may run from several threads at once (e.g. one fold per disk)
+    threadsafe: bool
 
     def discover(self) -> Guest:
         """The guest, its state and its disks (supported or not, with reasons)."""

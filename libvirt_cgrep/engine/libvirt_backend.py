@@ -164,6 +164,7 @@ class LibvirtBackend:
     """
 
     kind = "libvirt"
+    threadsafe = True  # libvirt connections serve concurrent calls
 
     def __init__(self, conn: libvirt.virConnect, name: str, uri: str, *, preown: bool = False) -> None:
         self.conn = conn

@@ -160,6 +160,7 @@ class QMPBackend:
     """
 
     kind = "qmp"
+    threadsafe = False  # one QMP client, driven from one thread
 
     def __init__(
         self,

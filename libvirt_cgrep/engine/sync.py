@@ -307,14 +307,20 @@ def sync(
             )
         _fault_before_fold()
         by_name = dict(zip(names, backends, strict=True))
-        disk_results = []
         with _phase(phases, "fold"):
-            for s_, changed, sent, base, reason in results:
+            # one block job per disk, side by side where the backends allow (a job only touches its own disk's chain)
+            def fold_one(r: tuple[DiskShipment, int, int, str, str | None]) -> DiskSync:
+                s_, changed, sent, base, reason = r
                 backend = by_name[s_.domain]
                 write_stamp(base, FoldStamp(str(target), set_name, point.point_id))
                 if s_.chain[0] != base:
                     backend.fold(s_.target, base, s_.chain[0])
-                disk_results.append(DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target))))
+                return DiskSync(s_.domain, s_.target, s_.full, reason, changed, sent, len(backend.chain(s_.target)))
+
+            if all(b.threadsafe for b in backends):
+                disk_results = list(pool.map(fold_one, results))
+            else:
+                disk_results = [fold_one(r) for r in results]
         pruned: tuple[str, ...] = ()
         if policy is not None:
             with _phase(phases, "prune"):

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from libvirt_cgrep.adapters import nbd, qemu_img
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.retention import Policy
-from libvirt_cgrep.errors import CgrepError, InternalError, StateError, UsageError
+from libvirt_cgrep.errors import CgrepError, InternalError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
 from libvirt_cgrep.replica.store import StagedDisk, Store, sha256_file
 
@@ -69,6 +69,26 @@ def verify_point(store: Store, m: mf.Manifest, *, write_order: bool = False) -> 
         if not verdict.consistent:
             problems.append(f"write order broken: first hole at {verdict.first_hole}")
     return result
+
+
+def verify_settled(store: Store, m: mf.Manifest, *, write_order: bool = False, tries: int = 3) -> dict[str, Any] | None:
+    """:func:`verify_point`, not fooled by a prune running beside it (verify takes no lock).
+
+    A point with problems is re-read: gone (pruned meanwhile) gives None; a changed manifest (a prune merged a
+    parent into it) is verified again. Problems with an unchanged manifest are real.
+    """
+    for _ in range(tries):
+        res = verify_point(store, m, write_order=write_order)
+        if res["ok"]:
+            return res
+        try:
+            again = store.point(m.set_name, m.point_id)
+        except NotFoundError:
+            return None
+        if again == m:
+            return res
+        m = again
+    return res
 
 
 def points_reply(store: Store, set_name: str) -> dict[str, Any]:
@@ -193,7 +213,9 @@ class _Session:
             pts = self.store.points(msg["set"])
             if msg.get("point"):
                 pts = [self.store.point(msg["set"], msg["point"])]
-            return {"ok": True, "results": [verify_point(self.store, m, write_order=bool(msg.get("write_order"))) for m in pts]}
+            wo = bool(msg.get("write_order"))
+            results = [r for m in pts if (r := verify_settled(self.store, m, write_order=wo)) is not None]
+            return {"ok": True, "results": results}
         if op == "prune":
             pol = Policy(**msg["policy"])
             now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
