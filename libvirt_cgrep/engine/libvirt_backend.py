@@ -32,7 +32,7 @@ import libvirt
 from lxml import etree
 
 from libvirt_cgrep.adapters import libvirt as lv
-from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.adapters import qcow2
 from libvirt_cgrep.core.model import Disk, DiskCut, Guest, GuestCut, Transaction
 from libvirt_cgrep.errors import CgrepError, CutError, LibvirtError, StateError
 
@@ -195,7 +195,8 @@ class LibvirtBackend:
             for a in txn.actions:
                 if os.path.exists(a.overlay):
                     raise CutError(f"{self.name}: overlay {a.overlay} already exists")
-                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", a.frozen, a.overlay], timeout=30)
+                # in-process (no qemu-img per disk): the cut starts sooner and no process competes with the guest
+                qcow2.create_image(a.overlay, qcow2.virtual_size(a.frozen), a.frozen)
                 made.append(a.overlay)
                 if self.preown and self.owner is not None:
                     try:

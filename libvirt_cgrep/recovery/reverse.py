@@ -34,7 +34,7 @@ from typing import Any
 import libvirt
 
 from libvirt_cgrep.adapters import libvirt as lv
-from libvirt_cgrep.adapters import nbd, qemu_img
+from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
 from libvirt_cgrep.core.extents import Extent, data_bytes
@@ -46,7 +46,7 @@ from libvirt_cgrep.recovery import failover as fo
 from libvirt_cgrep.replica.link import Link, Target, parse_target
 from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
 from libvirt_cgrep.replica.ship import DiskShipment, RateLimit, extents_of, ship_disk
-from libvirt_cgrep.replica.store import Store
+from libvirt_cgrep.replica.store import StagedWriter, Store
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def _final_image(final: mf.Manifest, names: dict[str, rc.DomainRun], original: s
     raise NotFoundError(f"final point lacks {original}/{target}")
 
 
-def _copy_extents(s: DiskShipment, extents: tuple[Extent, ...], w: nbd.NBDClient) -> None:
+def _copy_extents(s: DiskShipment, extents: tuple[Extent, ...], w: StagedWriter) -> None:
     fds: dict[int, int] = {}
     try:
         for x in extents:

@@ -24,7 +24,7 @@ from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.errors import CgrepError, InternalError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
-from libvirt_cgrep.replica.store import StagedDisk, Store, sha256_file
+from libvirt_cgrep.replica.store import StagedDisk, StagedWriter, Store, sha256_file
 
 
 def manifest_to_dict(m: mf.Manifest) -> dict[str, Any]:
@@ -118,10 +118,10 @@ def point_listing(store: Store, m: mf.Manifest) -> dict[str, Any]:
     }
 
 
-_Writer = contextlib.AbstractContextManager[nbd.NBDClient]
+_Writer = contextlib.AbstractContextManager[StagedWriter]
 
 
-def _enter(cm: _Writer) -> tuple[_Writer, nbd.NBDClient]:
+def _enter(cm: _Writer) -> tuple[_Writer, StagedWriter]:
     return cm, cm.__enter__()
 
 
@@ -134,7 +134,7 @@ class _Session:
         self.store = store
         self.staged: list[StagedDisk] = []
         self.set_name: str | None = None
-        self.writers: dict[tuple[str, str], nbd.NBDClient] = {}
+        self.writers: dict[tuple[str, str], StagedWriter] = {}
         self.stack = contextlib.ExitStack()
 
     def abort(self) -> None:
@@ -173,7 +173,7 @@ class _Session:
             disks = [(str(d), str(t), int(s), bool(f)) for d, t, s, f in msg["disks"]]
             seeds = {(str(d), str(t)): _seed_path(p) for d, t, p in msg.get("seed", ())}
             self.staged = self.store.stage(msg["set"], msg["point_id"], parent, disks, seeds)
-            # one qemu-nbd per image, started side by side; each registered for closing as soon as it runs
+            # one writer per image, started side by side; each registered for closing as soon as it runs
             with ThreadPoolExecutor(max_workers=4) as pool:
                 started = [pool.submit(_enter, self.store.writer(s)) for s in self.staged]
             for s, fut in zip(self.staged, started, strict=True):
@@ -189,7 +189,7 @@ class _Session:
         if op == "commit":
             if not self.staged or self.set_name is None:
                 raise StateError("commit without a point")
-            # flush every image at once (each qemu-nbd fsyncs its own), then close them (qemu-nbd exits)
+            # flush every image at once (a qemu-nbd fsyncs its own), then finish them (metadata written, closed)
             for w in self.writers.values():
                 w.send_flush()
             for w in self.writers.values():
@@ -286,7 +286,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
         proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root)})
         out.flush()
         idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
-        # Payloads go from the link's pipe straight into qemu-nbd's socket when ``inp`` is an unbuffered pipe.
+        # Payloads go from the link's pipe straight into the image (or qemu-nbd's socket) when ``inp`` is an unbuffered pipe.
         splice_fd = inp.fileno() if isinstance(inp, io.RawIOBase) and nbd.spliceable(inp.fileno()) else None
         signal.signal(signal.SIGALRM, on_idle_alarm)
         while True:

@@ -35,6 +35,7 @@ from pathlib import Path
 from libvirt_cgrep.adapters import nbd
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.adapters.qcow2 import Qcow2Writer, Unaligned, create_image
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery
 from libvirt_cgrep.core.names import validate_name
@@ -69,6 +70,89 @@ class StagedDisk:
     path: Path
     final: Path
     backing: str | None
+    #: the image starts as a copy of a local image (reverse protection), not empty
+    seeded: bool = False
+
+
+class StagedWriter:
+    """Writes a staged image: natively (adapters.qcow2: the payload spliced straight into the file) while the
+    requests cover whole clusters, through QEMU (qemu-nbd) from the first one that does not, and always for a
+    seeded image (which holds data already). The NBD client's interface, so the receiver uses either alike."""
+
+    def __init__(self, disk: StagedDisk) -> None:
+        self.disk = disk
+        self.native: Qcow2Writer | None = None
+        self.nbd: nbd.NBDClient | None = None
+        self._serve: contextlib.AbstractContextManager[nbd.NBDClient] | None = None
+        if disk.seeded:
+            self._to_nbd()
+        else:
+            self.native = Qcow2Writer(disk.path, disk.virtual_size, disk.backing)
+
+    def _to_nbd(self) -> nbd.NBDClient:
+        if self.native is not None:  # what was written natively becomes an ordinary image first
+            self.native.finish()
+            self.native.close()
+            self.native = None
+        if self.nbd is None:
+            self._serve = nbd.serve(self.disk.path)
+            self.nbd = self._serve.__enter__()
+        return self.nbd
+
+    @property
+    def broken(self) -> bool:
+        return bool((self.native and self.native.broken) or (self.nbd and self.nbd.broken))
+
+    def _request(self, op: str, *args: object) -> None:
+        """``op`` natively; through qemu-nbd if it is not cluster-aligned (Unaligned: nothing of it was written)."""
+        if self.native is not None:
+            try:
+                getattr(self.native, op)(*args)
+                return
+            except Unaligned:
+                pass
+        getattr(self._to_nbd(), op)(*args)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._request("write", offset, data)
+
+    def write_from(self, offset: int, fd: int, length: int) -> None:
+        self._request("write_from", offset, fd, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._request("write_zeroes", offset, length)
+
+    def send_flush(self) -> None:
+        if self.nbd is not None:
+            self.nbd.send_flush()
+
+    def wait(self) -> None:
+        if self.native is not None:
+            self.native.wait()
+        if self.nbd is not None:
+            self.nbd.wait()
+
+    def finish(self) -> None:
+        """The image is complete and closed (qemu-nbd flushed and exited)."""
+        if self.native is not None:
+            try:
+                self.native.finish()
+            finally:
+                self.native.close()
+                self.native = None
+        if self._serve is not None:
+            serve, self._serve, self.nbd = self._serve, None, None
+            serve.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        """Stop without finishing (the image will be discarded): nothing is flushed or waited for."""
+        if self.native is not None:
+            self.native.close()
+            self.native = None
+        if self._serve is not None:
+            serve, self._serve, self.nbd = self._serve, None, None
+            with contextlib.suppress(Exception):
+                serve.__exit__(RuntimeError, RuntimeError("abandoned"), None)
 
 
 class Store:
@@ -206,7 +290,6 @@ class Store:
         if (sdir / "points" / f"{point_id}.json").exists():
             raise ConflictError(f"point {point_id} already exists in {set_name}")
         staged: list[StagedDisk] = []
-        creates: list[list[str]] = []
         try:
             for domain, target, size, full in disks:
                 validate_name(domain, "domain name")
@@ -220,28 +303,29 @@ class Store:
                 backing = Path(prev.image).name if prev else None
                 if prev and prev.virtual_size != size:
                     backing = None  # a resized disk starts a new base
-                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-                if backing:
-                    argv += ["-F", "qcow2", "-b", backing]
-                staged.append(StagedDisk(domain, target, size, path, final, backing))  # so a failure removes it
                 seed = (seeds or {}).get((domain, target))
-                if seed is not None and backing is None:
+                seeded = seed is not None and backing is None
+                staged.append(StagedDisk(domain, target, size, path, final, backing, seeded))  # so a failure removes it
+                if seeded:
                     run(["qemu-img", "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(seed), str(path)], timeout=3600)
                     continue
-                creates.append([*argv, str(path), str(size)])
-            # one qemu-img process per disk, run side by side (process start-up dominates)
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                list(pool.map(lambda argv: run(argv, timeout=60), creates))
+                # an empty image (in-process): a valid image even if no writer follows; a StagedWriter rewrites it
+                create_image(path, size, backing, mode=0o600)
         except BaseException:
             self.discard(staged)
             raise
         return staged
 
     @contextlib.contextmanager
-    def writer(self, disk: StagedDisk) -> Iterator[nbd.NBDClient]:
-        """An NBD client writing into a staged image; flushed and closed on exit."""
-        with nbd.serve(disk.path) as client:
-            yield client
+    def writer(self, disk: StagedDisk) -> Iterator[StagedWriter]:
+        """A writer into a staged image; on normal exit the image is complete (not yet fsynced: see commit)."""
+        w = StagedWriter(disk)
+        try:
+            yield w
+        except BaseException:
+            w.abandon()
+            raise
+        w.finish()
 
     def commit(
         self, set_name: str, manifest: mf.Manifest, staged: Sequence[StagedDisk], shipped: dict[tuple[str, str], int]
