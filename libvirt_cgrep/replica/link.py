@@ -130,7 +130,8 @@ class Link:
         try:
             proto.write_header(self.writer)
             proto.read_header(self.reader)
-            self._reply()
+            #: the receiver's optional protocol features (protocol.FEATURES)
+            self.features = frozenset(str(f) for f in self._reply().get("features", ()))
         except proto.StreamError as exc:
             raise proto.StreamError(f"{exc}{self._stderr_tail()}") from exc
         except BaseException:
@@ -157,6 +158,17 @@ class Link:
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self._broken()
 
+    def send_file_extents(self, msg: dict[str, Any], fd: int, parts: list[tuple[int, int, int]]) -> None:
+        """One ``datav`` message: ``parts`` are (disk offset, file offset, length), the payload sent with ``sendfile``."""
+        ext = [[o, n] for o, _, n in parts]
+        try:
+            proto.send(self.writer, {**msg, "op": "datav", "ext": ext, "n": sum(n for _, _, n in parts)})
+            self.writer.flush()
+            for _, offset, length in parts:
+                self._sendfile(fd, offset, length)
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            self._broken()
+
     def send_file(self, msg: dict[str, Any], fd: int, offset: int, length: int) -> None:
         """Send ``length`` bytes of ``fd`` from ``offset`` as the payload of ``msg``, with ``sendfile``.
 
@@ -166,15 +178,18 @@ class Link:
         try:
             proto.send(self.writer, {**msg, "n": length})
             self.writer.flush()
-            out = self.inp.fileno()
-            done = 0
-            while done < length:
-                n = os.sendfile(out, fd, offset + done, length - done)
-                if n == 0:
-                    raise proto.StreamError(f"short read from the image at {offset + done}")
-                done += n
+            self._sendfile(fd, offset, length)
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self._broken()
+
+    def _sendfile(self, fd: int, offset: int, length: int) -> None:
+        out = self.inp.fileno()
+        done = 0
+        while done < length:
+            n = os.sendfile(out, fd, offset + done, length - done)
+            if n == 0:
+                raise proto.StreamError(f"short read from the image at {offset + done}")
+            done += n
 
     def request(self, msg: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -8,6 +8,14 @@ sender re-raises the receiver's error with its exit code.
 
 Payloads of ``data`` messages may be compressed (``z``: ``zlib`` or ``zstd``;
 ``raw``: the uncompressed length).
+
+Optional features, named in the receiver's first reply (``features``) and
+used by a sender only when named there (an older receiver names none):
+
+- ``datav``: a ``datav`` message carries several extents of one disk,
+  ``ext``: ``[[offset, length], ...]``, its payload their bytes in that order
+  (uncompressed; ``n`` = the sum of the lengths). One header for many small
+  extents.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ VERSION = 1
 _LEN = struct.Struct(">I")
 MAX_JSON = 64 << 20
 COMPRESSORS = ("zlib", "zstd")
+#: the optional features this side's receiver offers
+FEATURES = ("datav",)
 
 
 class StreamError(CommandError):
@@ -102,6 +112,14 @@ def recv(f: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     if msg is None:
         return None
     return msg, recv_payload(f, msg)
+
+
+def extents(msg: dict[str, Any]) -> list[tuple[int, int]]:
+    """The ``[[offset, length], ...]`` of a ``datav`` message, checked against its ``n``."""
+    ext = [(int(o), int(n)) for o, n in msg.get("ext", ())]
+    if any(o < 0 or n <= 0 for o, n in ext) or sum(n for _, n in ext) != int(msg.get("n", 0)):
+        raise StreamError("a datav message whose extents do not add up to its payload")
+    return ext
 
 
 def error_reply(exc: CgrepError) -> dict[str, Any]:

@@ -152,8 +152,21 @@ class _Session:
         w = self.writers[(msg["domain"], msg["target"])]
         w.write_from(int(msg["offset"]), fd, int(msg.get("n", 0)))
 
+    def splice_datav(self, msg: dict[str, Any], fd: int) -> None:
+        """A ``datav`` message whose payload is still in the pipe ``fd``: each extent spliced into the image."""
+        w = self.writers[(msg["domain"], msg["target"])]
+        for offset, length in proto.extents(msg):
+            w.write_from(offset, fd, length)
+
     def handle(self, msg: dict[str, Any], payload: bytes) -> dict[str, Any] | None:
         op = msg.get("op")
+        if op == "datav":
+            w = self.writers[(msg["domain"], msg["target"])]
+            view, pos = memoryview(payload), 0
+            for offset, length in proto.extents(msg):
+                w.write(offset, view[pos : pos + length])
+                pos += length
+            return None
         if op == "data":
             w = self.writers[(msg["domain"], msg["target"])]
             w.write(int(msg["offset"]), proto.decompress(payload, msg.get("z")))
@@ -283,7 +296,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
         return 1
     session = _Session(store)
     try:
-        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root)})
+        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "features": list(proto.FEATURES)})
         out.flush()
         idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
         # Payloads go from the link's pipe straight into the image (or qemu-nbd's socket) when ``inp`` is an unbuffered pipe.
@@ -299,6 +312,9 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
                     raise UsageError(f"request {msg.get('op')!r} on a read-only session")
                 if splice_fd is not None and msg.get("op") == "data" and not msg.get("z") and msg.get("n"):
                     session.splice_data(msg, splice_fd)
+                    continue
+                if splice_fd is not None and msg.get("op") == "datav":
+                    session.splice_datav(msg, splice_fd)
                     continue
                 payload = proto.recv_payload(inp, msg)
             except IdleTimeout:
