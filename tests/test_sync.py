@@ -153,3 +153,23 @@ def test_two_targets_alternately_stay_consistent(conn: libvirt.virConnect, lab_v
     # the same target again: a delta
     res = json.loads(cli("sync", vm.name, "--target", a, "--json").stdout)
     assert not any(d["full"] for d in res["disks"])
+
+
+def test_read_order_reads_each_layer_front_to_back() -> None:
+    """Pure: zeros first, then data by (layer, host offset); nothing lost or added."""
+    from libvirt_cgrep.core.extents import Extent, read_order
+
+    xs = [
+        Extent("data", 0, 65536, 0, 9 << 16),
+        Extent("zero", 65536, 65536, 0, None),
+        Extent("data", 1 << 20, 65536, 1, 2 << 16),
+        Extent("data", 2 << 20, 65536, 0, 3 << 16),
+    ]
+    got = read_order(xs)
+    assert sorted(got, key=lambda x: x.start) == sorted(xs, key=lambda x: x.start)
+    assert [(x.kind, x.depth, x.offset) for x in got] == [
+        ("zero", 0, None),
+        ("data", 0, 3 << 16),
+        ("data", 0, 9 << 16),
+        ("data", 1, 2 << 16),
+    ]

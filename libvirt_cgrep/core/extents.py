@@ -47,3 +47,10 @@ def plan_extents(entries: Iterable[Mapping[str, Any]], ship_depth: int, *, full:
 def data_bytes(extents: Iterable[Extent]) -> int:
     """Bytes of changed data (what a perfect shipper would send)."""
     return sum(x.length for x in extents if x.kind == "data")
+
+
+def read_order(extents: Iterable[Extent]) -> list[Extent]:
+    """The same extents in the order that reads each layer's file front to back: zeros first, then data by
+    (layer, host offset). A guest's random writes land in its overlay in time order, so guest-offset order
+    would read the file at random; the receiver takes extents in any order (they never overlap). Pure."""
+    return sorted(extents, key=lambda x: (x.kind != "zero", x.depth, x.offset or 0, x.start))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from libvirt_cgrep.adapters.proc import run
-from libvirt_cgrep.core.extents import Extent, data_bytes, plan_extents
+from libvirt_cgrep.core.extents import Extent, data_bytes, plan_extents, read_order
 from libvirt_cgrep.replica import protocol as proto
 from libvirt_cgrep.replica.link import Link
 
@@ -96,7 +96,7 @@ def ship_disk(
         batch = []
 
     try:
-        for x in extents:
+        for x in read_order(extents):
             if x.kind == "zero":
                 flush()
                 link.send({"op": "zero", **head, "offset": x.start, "length": x.length})
