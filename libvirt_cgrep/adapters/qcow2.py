@@ -108,9 +108,10 @@ class Qcow2Writer:
         if offset % CLUSTER or (end % CLUSTER and end != self.size):
             raise Unaligned(f"request {offset}+{length} does not cover whole {CLUSTER}-byte clusters")
 
-    def _entry(self, index: int) -> int:
+    def _host(self, index: int) -> int:
+        """The host offset guest cluster ``index`` is stored at, or 0 (unallocated or a zero cluster)."""
         table = self.l2.get(index // _L2_ENTRIES)
-        return table[index % _L2_ENTRIES] if table is not None else 0
+        return (table[index % _L2_ENTRIES] if table is not None else 0) & ~(_COPIED | 0x1FF)
 
     def _set(self, index: int, value: int) -> None:
         table = self.l2.get(index // _L2_ENTRIES)
@@ -123,8 +124,7 @@ class Qcow2Writer:
         runs: list[tuple[int, int, int]] = []
         first, count = offset // CLUSTER, -(-length // CLUSTER)
         for i in range(first, first + count):
-            entry = self._entry(i)
-            host = entry & ~(_COPIED | 0x1FF)
+            host = self._host(i)
             if not host:
                 host = self.next_cluster * CLUSTER
                 self.next_cluster += 1
@@ -165,7 +165,7 @@ class Qcow2Writer:
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check(offset, length)
         for i in range(offset // CLUSTER, -(-(offset + length) // CLUSTER)):
-            host = self._entry(i) & ~(_COPIED | 0x1FF)
+            host = self._host(i)
             if host:  # already holds data: keep the cluster (no leak), zero its bytes
                 n = min(CLUSTER, self.size - i * CLUSTER)
                 os.pwrite(self.fd, bytes(n), host)
