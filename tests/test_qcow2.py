@@ -11,11 +11,13 @@ import json
 import os
 import random
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
+from libvirt_cgrep.adapters.fs import copy_range
 from libvirt_cgrep.adapters.qcow2 import CLUSTER, Qcow2Error, Qcow2Writer, Unaligned, create_image, virtual_size
 from libvirt_cgrep.replica.store import StagedDisk, StagedWriter
 
@@ -54,6 +56,11 @@ def apply(writer: Qcow2Writer | StagedWriter, requests: list[tuple[str, int, int
             writer.write_from(off, r, n)
             t.join()
             os.close(r)
+        elif kind == "copy":  # copied from another file (copyv: copy_file_range), at an unrelated file offset
+            where = writer.path if isinstance(writer, Qcow2Writer) else writer.disk.path
+            with tempfile.TemporaryFile(dir=where.parent) as src:  # the same filesystem: a real copy_file_range
+                os.pwrite(src.fileno(), data, 12345 + off % 7)
+                writer.copy_from(off, src.fileno(), 12345 + off % 7, n)
         else:
             writer.write(off, data)
         cmds.append(f"write -P {pat} {off} {n}")
@@ -66,7 +73,7 @@ def requests_for(size: int, seed: int, count: int = 120, align: int = CLUSTER) -
     for _ in range(count):
         off = rnd.randrange(size // align) * align
         n = min(rnd.randint(1, 24) * align, size - off)
-        kind = rnd.choice(["zero", "write", "splice", "splice"])
+        kind = rnd.choice(["zero", "write", "splice", "copy"])
         out.append((kind, off, n, rnd.randrange(1, 255)))
     return out
 
@@ -188,3 +195,19 @@ def test_create_image_is_what_qemu_img_creates(tmp_path: Path) -> None:
         create_image(ours, MIB)
     with pytest.raises(Qcow2Error, match="not a qcow2"):
         virtual_size(Path(__file__))
+
+
+def test_copy_range_across_filesystems_falls_back(tmp_path: Path) -> None:
+    """A source on another filesystem (a memfd) is copied all the same (pread/pwrite when the kernel refuses)."""
+    data = os.urandom(3 * MIB + 17)
+    src = os.memfd_create("src")
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(src, data, 0)
+        copy_range(src, 5, dst, 100, len(data) - 5)
+        assert os.pread(dst, len(data), 100) == data[5:]
+        with pytest.raises(OSError, match="source ends early"):
+            copy_range(src, len(data) - 10, dst, 0, 20)
+    finally:
+        os.close(src)
+        os.close(dst)

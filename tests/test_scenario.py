@@ -16,6 +16,8 @@ def test_local_scenario_checks_pass() -> None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, check=False)
         summary = json.loads((root / "summary.json").read_text())
         failed = [c for c in summary["checks"] if not c["ok"]]
+        for c in failed:  # whole, on the captured output (the assertion's repr is cut short)
+            print(f"FAILED CHECK {c['step']}: {c['detail']}")
         assert out.returncode == 0 and not failed, (failed, out.stdout[-4000:], out.stderr[-2000:])
         steps = {c["step"] for c in summary["checks"]}
         for step in ("test-cleanup leaves nothing", "failover: write order across both VMs", "reverse ships only the changes"):

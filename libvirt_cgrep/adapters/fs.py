@@ -8,6 +8,7 @@ directory, fsync, ``os.replace``, fsync of the directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between two files in the kernel (``copy_file_range``: no pages through this process).
+
+    Falls back to ``pread``/``pwrite`` where the kernel refuses (another filesystem). OSError on a short source.
+    """
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            buf = os.pread(src, min(length - done, 4 << 20), src_offset + done)
+            n = os.pwrite(dst, buf, dst_offset + done) if buf else 0
+        if n == 0:
+            raise OSError(errno.EIO, f"short read at {src_offset + done}: the source ends early")
+        done += n
 
 
 def save_file(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -140,6 +140,15 @@ class NBDClient:
         if self.pending >= self.window:
             self.wait()
 
+    def copy_from(self, offset: int, fd: int, src_offset: int, length: int) -> None:
+        """Write ``length`` bytes of the file ``fd`` from ``src_offset`` at ``offset`` (read here, then sent)."""
+        for i in range(0, length, MAX_REQUEST):
+            n = min(MAX_REQUEST, length - i)
+            data = os.pread(fd, n, src_offset + i)
+            if len(data) != n:
+                raise NBDError(f"short read at {src_offset + i}: the source ends early")
+            self._request(_CMD_WRITE, offset + i, n, data)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         for i in range(0, length, MAX_REQUEST):
             self._request(_CMD_WRITE_ZEROES, offset + i, min(MAX_REQUEST, length - i))

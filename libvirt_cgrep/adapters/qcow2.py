@@ -29,6 +29,7 @@ import struct
 from array import array
 from pathlib import Path
 
+from libvirt_cgrep.adapters.fs import copy_range
 from libvirt_cgrep.errors import CommandError
 
 CLUSTER_BITS = 16
@@ -161,6 +162,16 @@ class Qcow2Writer:
         except BaseException:
             self.broken = True
             raise
+
+    def copy_from(self, offset: int, fd: int, src_offset: int, length: int) -> None:
+        """``length`` bytes of the file ``fd`` from ``src_offset`` into the image at ``offset``: one in-kernel copy."""
+        self._check(offset, length)
+        try:
+            for guest, host, n in self._runs(offset, length):
+                copy_range(fd, src_offset + guest - offset, self.fd, host, n)
+        except OSError as exc:
+            self.broken = True
+            raise Qcow2Error(f"{self.path}: copy failed: {exc.strerror}") from exc
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check(offset, length)

@@ -280,6 +280,8 @@ def sync(
             wait_s += time.monotonic() - t0
             sent = ship_disk(link, s, extents, compress=compress, limiter=limiter, progress=progress(f"{s.domain}/{s.target}"))
             results.append((s, data_bytes(extents), sent, base, reason))
+        if "copyv" in link.features:  # the receiver copies by itself: shipped once it has applied everything
+            link.request({"op": "applied"})
         ship_s = time.monotonic() - t_ship
         phases["map_wait"] = wait_s * 1000.0
         phases["send"] = (ship_s - wait_s) * 1000.0

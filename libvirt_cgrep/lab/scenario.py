@@ -46,6 +46,7 @@ from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab import relay
 from libvirt_cgrep.lab.check import check_images
 from libvirt_cgrep.lab.sshd import loopback_sshd
+from libvirt_cgrep.replica.store import transient
 
 GROUP = "demo"
 BOLD, RESET = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
@@ -132,8 +133,8 @@ def _overlays(res: dict[str, Any]) -> list[Path]:
 
 
 def _listing(conn: libvirt.virConnect, root: Path) -> tuple[set[str], set[str], set[str]]:
-    """Domains, networks and files under ``root``."""
-    files = {str(p.relative_to(root)) for p in root.rglob("*")}
+    """Domains, networks and files under ``root`` (without what a cycle running meanwhile stages and removes)."""
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if not transient(p.name)}
     return {d.name() for d in conn.listAllDomains(0)}, {n.name() for n in conn.listAllNetworks(0)}, files
 
 

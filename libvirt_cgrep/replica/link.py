@@ -151,10 +151,13 @@ class Link:
         proto.raise_reply(got[0])
         return got[0]
 
-    def send(self, msg: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        """Send without waiting (data and zero messages). A broken link raises the receiver's own error."""
+    def send(self, msg: dict[str, Any], payload: bytes | memoryview = b"", *, flush: bool = False) -> None:
+        """Send without waiting for a reply (data and zero messages); ``flush``: on the link now, not when the
+        buffer fills. A broken link raises the receiver's own error."""
         try:
             proto.send(self.writer, msg, payload)
+            if flush:
+                self.writer.flush()
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self._broken()
 

@@ -16,6 +16,13 @@ used by a sender only when named there (an older receiver names none):
   ``ext``: ``[[offset, length], ...]``, its payload their bytes in that order
   (uncompressed; ``n`` = the sum of the lengths). One header for many small
   extents.
+- ``copyv`` (offered only by a receiver on the sender's own host, the one a
+  sync starts for a local target): a ``copyv`` message names a file,
+  ``path`` (absolute), and ``ext``: ``[[offset, file_offset, length], ...]``,
+  and carries no payload: the receiver copies each range of that file into
+  the disk at ``offset`` itself (``copy_file_range``: one copy in the
+  kernel, as ``cp`` makes). An ``applied`` request is answered once every
+  earlier message is applied (any reply is: messages apply in order).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ MAX_JSON = 64 << 20
 COMPRESSORS = ("zlib", "zstd")
 #: the optional features this side's receiver offers
 FEATURES = ("datav",)
+#: ... and offers to a sender on its own host
+LOCAL_FEATURES = (*FEATURES, "copyv")
 
 
 class StreamError(CommandError):
@@ -119,6 +128,14 @@ def extents(msg: dict[str, Any]) -> list[tuple[int, int]]:
     ext = [(int(o), int(n)) for o, n in msg.get("ext", ())]
     if any(o < 0 or n <= 0 for o, n in ext) or sum(n for _, n in ext) != int(msg.get("n", 0)):
         raise StreamError("a datav message whose extents do not add up to its payload")
+    return ext
+
+
+def copy_extents(msg: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """The ``[[offset, file_offset, length], ...]`` of a ``copyv`` message, checked."""
+    ext = [(int(o), int(f), int(n)) for o, f, n in msg.get("ext", ())]
+    if any(o < 0 or f < 0 or n <= 0 for o, f, n in ext) or msg.get("n"):
+        raise StreamError("a copyv message with a bad extent or a payload")
     return ext
 
 

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -119,6 +119,9 @@ def point_listing(store: Store, m: mf.Manifest) -> dict[str, Any]:
 
 
 _Writer = contextlib.AbstractContextManager[StagedWriter]
+#: copyv: ranges are copied in pieces of at most this many bytes, the source read up to PREFETCH ahead
+COPY_PIECE = 4 << 20
+PREFETCH = 32 << 20
 
 
 def _enter(cm: _Writer) -> tuple[_Writer, StagedWriter]:
@@ -130,49 +133,122 @@ class _Aborted(Exception):
 
 
 class _Session:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, local: bool = False) -> None:
         self.store = store
+        self.local = local
+        self.sources: dict[str, int] = {}  # copyv: the files named, open read-only
         self.staged: list[StagedDisk] = []
         self.set_name: str | None = None
         self.writers: dict[tuple[str, str], StagedWriter] = {}
         self.stack = contextlib.ExitStack()
+        # copyv: each disk's copies run on worker threads (disks side by side), in message order per disk
+        self.copier: ThreadPoolExecutor | None = None
+        self.copies: dict[tuple[str, str], Future[None]] = {}
+
+    def writer(self, msg: dict[str, Any]) -> StagedWriter:
+        """The disk's writer, once every copy sent before ``msg`` for that disk is done (its error raised here)."""
+        key = (msg["domain"], msg["target"])
+        pending = self.copies.pop(key, None)
+        if pending is not None:
+            pending.result()
+        return self.writers[key]
+
+    def applied(self) -> None:
+        """Every copy sent so far is done (the first error raised)."""
+        pending, self.copies = self.copies, {}
+        for fut in pending.values():
+            fut.result()
 
     def abort(self) -> None:
-        # closed as if by an exception: the writers skip their final flush (the images are discarded, and a
-        # connection left mid-payload by a broken link would never answer one)
+        # copies still running first (they write into the writers), then closed as if by an exception: the
+        # writers skip their final flush (the images are discarded, and a connection left mid-payload by a
+        # broken link would never answer one)
+        if self.copier is not None:
+            self.copier.shutdown(wait=True, cancel_futures=True)
+            self.copier = None
+        self.copies = {}
         with contextlib.suppress(Exception):
             self.stack.__exit__(_Aborted, _Aborted(), None)
         self.stack = contextlib.ExitStack()
         self.writers = {}
         self.store.discard(self.staged)
         self.staged = []
+        self.close_sources()
+
+    def close_sources(self) -> None:
+        for fd in self.sources.values():
+            os.close(fd)
+        self.sources = {}
+
+    def copyv(self, msg: dict[str, Any]) -> None:
+        """A ``copyv`` message: ranges of a file on this host copied into the image (local sessions only)."""
+        if not self.local:
+            raise UsageError("copyv is offered only to a sender on the receiver's own host")
+        path = str(msg.get("path", ""))
+        fd = self.sources.get(path)
+        if fd is None:
+            if not os.path.isabs(path) or not os.path.isfile(path):
+                raise StateError(f"copyv source {path!r} is not a file on the receiving host")
+            fd = self.sources[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        key = (msg["domain"], msg["target"])
+        w = self.writers[key]
+        pieces = [
+            (offset + i, src + i, min(COPY_PIECE, length - i))
+            for offset, src, length in proto.copy_extents(msg)
+            for i in range(0, length, COPY_PIECE)
+        ]
+        before = self.copies.get(key)
+
+        def run() -> None:
+            if before is not None:
+                before.result()  # this disk's earlier copies first (their error is this one's too)
+            # pieces of at most COPY_PIECE; the source asked for up to PREFETCH ahead of the copy (WILLNEED: the
+            # reads run side by side, not one readahead window at a time)
+            ahead = asked = 0
+            for offset, src, length in pieces:
+                while asked < len(pieces) and ahead < PREFETCH:
+                    os.posix_fadvise(fd, pieces[asked][1], pieces[asked][2], os.POSIX_FADV_WILLNEED)
+                    ahead += pieces[asked][2]
+                    asked += 1
+                w.copy_from(offset, fd, src, length)
+                ahead -= length
+
+        if self.copier is None:
+            self.copier = ThreadPoolExecutor(max_workers=4, thread_name_prefix="copyv")
+        self.copies[key] = self.copier.submit(run)
 
     def splice_data(self, msg: dict[str, Any], fd: int) -> None:
         """An uncompressed ``data`` message whose payload is still in the pipe ``fd``: spliced into the image."""
-        w = self.writers[(msg["domain"], msg["target"])]
+        w = self.writer(msg)
         w.write_from(int(msg["offset"]), fd, int(msg.get("n", 0)))
 
     def splice_datav(self, msg: dict[str, Any], fd: int) -> None:
         """A ``datav`` message whose payload is still in the pipe ``fd``: each extent spliced into the image."""
-        w = self.writers[(msg["domain"], msg["target"])]
+        w = self.writer(msg)
         for offset, length in proto.extents(msg):
             w.write_from(offset, fd, length)
 
     def handle(self, msg: dict[str, Any], payload: bytes) -> dict[str, Any] | None:
         op = msg.get("op")
         if op == "datav":
-            w = self.writers[(msg["domain"], msg["target"])]
+            w = self.writer(msg)
             view, pos = memoryview(payload), 0
             for offset, length in proto.extents(msg):
                 w.write(offset, view[pos : pos + length])
                 pos += length
             return None
         if op == "data":
-            w = self.writers[(msg["domain"], msg["target"])]
+            w = self.writer(msg)
             w.write(int(msg["offset"]), proto.decompress(payload, msg.get("z")))
             return None
+        if op == "copyv":
+            self.copyv(msg)
+            return None
+        if op == "applied":
+            self.applied()
+            return {"ok": True}
         if op == "zero":
-            self.writers[(msg["domain"], msg["target"])].write_zeroes(int(msg["offset"]), int(msg["length"]))
+            self.writer(msg).write_zeroes(int(msg["offset"]), int(msg["length"]))
             return None
         if op == "sets":
             return {"ok": True, "sets": self.store.sets()}
@@ -202,6 +278,7 @@ class _Session:
         if op == "commit":
             if not self.staged or self.set_name is None:
                 raise StateError("commit without a point")
+            self.applied()
             # flush every image at once (a qemu-nbd fsyncs its own), then finish them (metadata written, closed)
             for w in self.writers.values():
                 w.send_flush()
@@ -209,6 +286,7 @@ class _Session:
                 w.wait()
             self.stack.close()
             self.writers = {}
+            self.close_sources()
             shipped = {(d, t): int(n) for d, t, n in msg["shipped"]}
             final = self.store.commit(self.set_name, manifest_from_dict(msg["manifest"], committed=False), self.staged, shipped)
             self.staged = []
@@ -284,8 +362,11 @@ class StreamIdleError(CgrepError):
     """The sender went silent (a dead link)."""
 
 
-def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -> int:
-    """Run one receiver session; returns 0 on a clean end, 1 after a reported failure."""
+def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False, local: bool = False) -> int:
+    """Run one receiver session; returns 0 on a clean end, 1 after a reported failure.
+
+    ``local``: the sender runs on this host (it started this receiver for a local target), so ``copyv`` is offered.
+    """
     proto.write_header(out)
     proto.read_header(inp)
     try:
@@ -294,9 +375,17 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO, *, readonly: bool = False) -
         proto.send(out, proto.error_reply(exc))
         out.flush()
         return 1
-    session = _Session(store)
+    session = _Session(store, local=local and not readonly)
     try:
-        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "features": list(proto.FEATURES)})
+        proto.send(
+            out,
+            {
+                "ok": True,
+                "version": proto.VERSION,
+                "target": str(root),
+                "features": list(proto.LOCAL_FEATURES if session.local else proto.FEATURES),
+            },
+        )
         out.flush()
         idle = int(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_S))
         # Payloads go from the link's pipe straight into the image (or qemu-nbd's socket) when ``inp`` is an unbuffered pipe.

@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = parse_target(args.path)
         if target.host:
             raise UsageError("receive takes a local path")
-        return serve(Path(target.path), sys.stdin.buffer, sys.stdout.buffer, readonly=args.read_only)
+        # started by a sync on this host for a local target: it may name its own files (copyv)
+        return serve(Path(target.path), sys.stdin.buffer, sys.stdout.buffer, readonly=args.read_only, local=True)
     except CgrepError as exc:
         print(f"virt-cgrep: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -44,6 +44,13 @@ from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, Usage
 
 _STAGING = re.compile(r"\.staging-(.+)\.qcow2")
 _IMAGE = re.compile(r"(.+)\.qcow2")
+#: names a writer makes and removes within one cycle (staged images, manifests being written, prune intents)
+_TRANSIENT = re.compile(r"\.staging-.+\.qcow2|\..+\.tmp|prune-.+\.json")
+
+
+def transient(name: str) -> bool:
+    """True for a file a running writer makes and removes again: never a committed point's part."""
+    return _TRANSIENT.fullmatch(name) is not None
 
 
 def sha256_file(path: Path) -> str:
@@ -118,6 +125,9 @@ class StagedWriter:
 
     def write_from(self, offset: int, fd: int, length: int) -> None:
         self._request("write_from", offset, fd, length)
+
+    def copy_from(self, offset: int, fd: int, src_offset: int, length: int) -> None:
+        self._request("copy_from", offset, fd, src_offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._request("write_zeroes", offset, length)
