@@ -38,7 +38,7 @@ from libvirt_cgrep.engine.point import take_point
 from libvirt_cgrep.errors import CgrepError, UsageError
 from libvirt_cgrep.replica.link import Link, Target
 from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
-from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, extents_of, ship_disk
+from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, extents_of, read_map, ship_disk
 
 _OURS = re.compile(r"\.cgrep-[0-9a-z-]+\.qcow2$")
 #: Test-only fault injection: sleep this many ms after the commit, before folding.
@@ -215,8 +215,10 @@ def sync(
 
     The per-process fixed costs (``qemu-img info``/``map`` per disk, the
     receiver's staging) run concurrently: every disk's extent map is read in
-    the background while the receiver stages, and ``ship_s`` is the time from
-    the receiver being ready to the last extent put on the link.
+    the background from the cut on, while the chains are read and the receiver
+    stages, and ``ship_s`` is the time from the receiver being ready to the
+    last extent put on the link (to a local receiver, which copies the extents
+    itself: to the last extent copied).
     """
     t_start = time.monotonic()
     phases: dict[str, float] = {}
@@ -230,6 +232,7 @@ def sync(
     set_name = validate_name(set_name or names[0], "set name")
     link = Link(target)
     pool = ThreadPoolExecutor(max_workers=4)
+    map_pool = ThreadPoolExecutor(max_workers=4)  # qemu-img map runs, beside ``pool``'s qemu-img info runs
     try:
         with _phase(phases, "open"):
             pts = link.request({"op": "points", "set": set_name})["points"]
@@ -241,6 +244,8 @@ def sync(
         domains = tuple(mf.DomainRecord(*b.record()) for b in backends)
         with _phase(phases, "plan"):
             frozen = [(g.guest, dc) for g in point.guests for dc in g.disks]
+            # Frozen images never change: their maps are read from now on, beside the chains and the staging.
+            raw_maps = [map_pool.submit(read_map, dc.frozen_image) for _, dc in frozen]
             chains = list(pool.map(lambda gd: qemu_img.chain(Path(gd[1].frozen_image)), frozen))
             plans: list[tuple[DiskShipment, str, str | None]] = []
             for (guest, dc), layers in zip(frozen, chains, strict=True):
@@ -257,8 +262,7 @@ def sync(
                 )
                 size = layers[0].virtual_size
                 plans.append((DiskShipment(guest, dc.target, chain, depth, full, size), base, reason))
-        # Frozen images never change: read their maps while the receiver stages.
-        maps = [pool.submit(extents_of, s) for s, _, _ in plans]
+        maps = [pool.submit(lambda s, m: extents_of(s, m.result()), s, m) for (s, _, _), m in zip(plans, raw_maps, strict=True)]
         parent = newest.point_id if newest else None
         with _phase(phases, "begin"):
             link.request(
@@ -341,6 +345,7 @@ def sync(
                 pruned = tuple(reply["deleted"])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        map_pool.shutdown(wait=True, cancel_futures=True)
         link.close()
     return SyncResult(
         set_name=set_name,

@@ -39,9 +39,15 @@ class DiskShipment:
     virtual_size: int
 
 
-def extents_of(d: DiskShipment) -> tuple[Extent, ...]:
-    out = run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", d.chain[0]], timeout=600)
-    return plan_extents(json.loads(out), d.ship_depth, full=d.full)
+def read_map(image: str) -> list[dict[str, object]]:
+    """``qemu-img map --output=json`` of a frozen image (its whole chain): what :func:`plan_extents` selects from."""
+    out: list[dict[str, object]] = json.loads(run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", image], timeout=600))
+    return out
+
+
+def extents_of(d: DiskShipment, image_map: list[dict[str, object]] | None = None) -> tuple[Extent, ...]:
+    """The extents to ship for ``d`` (from ``image_map`` if its map was read already)."""
+    return plan_extents(read_map(d.chain[0]) if image_map is None else image_map, d.ship_depth, full=d.full)
 
 
 class RateLimit:
