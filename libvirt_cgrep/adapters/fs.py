@@ -11,6 +11,8 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -21,6 +23,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_all(paths: Sequence[Path | str]) -> None:
+    """fsync every file in ``paths`` side by side: the filesystem commits its journal once for all of them,
+    not once per file (a guest flushing meanwhile waits behind each commit)."""
+
+    def one(p: Path | str) -> None:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) <= 1:
+        for p in paths:
+            one(p)
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        list(pool.map(one, paths))
 
 
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:

@@ -64,19 +64,15 @@ def virtual_size(path: Path | str) -> int:
     return int(struct.unpack(">Q", head[24:32])[0])
 
 
-def create_image(path: Path | str, size: int, backing: str | None = None, *, mode: int = 0o644, durable: bool = False) -> None:
+def create_image(path: Path | str, size: int, backing: str | None = None, *, mode: int = 0o644) -> None:
     """A new empty image (an overlay if ``backing``, a qcow2 file named as given); never over an existing file.
-
-    ``durable``: fsynced before it returns (the caller fsyncs the directory). An overlay a guest is about to
-    write to must be: otherwise the guest's first flush after the cut pays for writing out the new file.
+    Not fsynced: the caller makes it durable (``fs.fsync_all`` for many at once).
 
     What ``qemu-img create -f qcow2 [-F qcow2 -b BACKING] PATH SIZE`` makes, without starting a process.
     """
     w = Qcow2Writer(Path(path), size, backing, exclusive=True, mode=mode)
     try:
         w.finish()
-        if durable:
-            os.fsync(w.fd)
     except BaseException:
         w.close()
         Path(path).unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from lxml import etree
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qcow2
-from libvirt_cgrep.adapters.fs import fsync_dir
+from libvirt_cgrep.adapters.fs import fsync_all, fsync_dir
 from libvirt_cgrep.core.model import Disk, DiskCut, Guest, GuestCut, Transaction
 from libvirt_cgrep.errors import CgrepError, CutError, LibvirtError, StateError
 
@@ -197,8 +197,7 @@ class LibvirtBackend:
                 if os.path.exists(a.overlay):
                     raise CutError(f"{self.name}: overlay {a.overlay} already exists")
                 # in-process (no qemu-img per disk): the cut starts sooner and no process competes with the guest
-                # fsynced: the guest's first flush after the cut must not pay for writing out a new file
-                qcow2.create_image(a.overlay, qcow2.virtual_size(a.frozen), a.frozen, durable=True)
+                qcow2.create_image(a.overlay, qcow2.virtual_size(a.frozen), a.frozen)
                 made.append(a.overlay)
                 if self.preown and self.owner is not None:
                     try:
@@ -206,6 +205,9 @@ class LibvirtBackend:
                     except PermissionError:
                         # Not allowed to give files away (not root): let libvirt relabel, as without preown.
                         self.preown = False
+            # durable before the cut (the guest's first flush after it must not pay for writing out new files),
+            # all at once: one journal commit for every overlay, not one per disk for the guest to wait behind
+            fsync_all(made)
             for d in sorted({os.path.dirname(p) for p in made}):
                 fsync_dir(Path(d))  # the new files' directory entries too
         except (CgrepError, OSError) as exc:
