@@ -387,8 +387,30 @@ def paired(samples: Mapping[str, Sequence[Sample]], a: str, b: str, key: str = "
     return median(rs)
 
 
+def paired_diff(samples: Mapping[str, Sequence[Sample]], a: str, b: str, key: str) -> float | None:
+    """Median over rounds of ``a``'s ``key`` minus ``b``'s in the same round (same domain, seconds apart)."""
+    by_round = {(s.epoch, s.trial): getattr(s, key) for s in samples.get(b, ()) if s.error is None}
+    ds = [
+        va - vb
+        for s in samples.get(a, ())
+        if s.error is None and (va := getattr(s, key)) is not None and (vb := by_round.get((s.epoch, s.trial))) is not None
+    ]
+    return median(ds)
+
+
+def mean_ratio(samples: Mapping[str, Sequence[Sample]], a: str, b: str, key: str) -> float | None:
+    """Mean of ``a``'s ``key`` over the mean of ``b``'s (the tail counts, unlike the medians')."""
+    va, vb = _vals(samples.get(a, ()), key), _vals(samples.get(b, ()), key)
+    return ratio(sum(va) / len(va), sum(vb) / len(vb)) if va and vb else None
+
+
 def paired_ratios(samples: Mapping[str, Sequence[Sample]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
+    if "point-none" in samples and "libvirt-atomic" in samples:
+        out["paired_point_none_minus_libvirt_atomic_extra_lat_ms"] = paired_diff(
+            samples, "point-none", "libvirt-atomic", "extra_lat_ms"
+        )
+        out["point_none_extra_lat_mean_over_libvirt_atomic"] = mean_ratio(samples, "point-none", "libvirt-atomic", "extra_lat_ms")
     for m in ("point-suspend", "bare-hold-preown", "point-suspend-plain", "point-suspend-preown"):
         if m in samples and "bare-hold" in samples:
             out[f"paired_{m}_hold_over_bare_hold"] = paired(samples, m, "bare-hold")
