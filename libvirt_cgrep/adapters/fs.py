@@ -25,23 +25,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path | str) -> None:
+    """fsync one file's data and inode (not its directory entry: :func:`fsync_dir`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_all(paths: Sequence[Path | str]) -> None:
     """fsync every file in ``paths`` side by side: the filesystem commits its journal once for all of them,
     not once per file (a guest flushing meanwhile waits behind each commit)."""
-
-    def one(p: Path | str) -> None:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     if len(paths) <= 1:
         for p in paths:
-            one(p)
+            fsync_file(p)
         return
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        list(pool.map(one, paths))
+        list(pool.map(fsync_file, paths))
 
 
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:

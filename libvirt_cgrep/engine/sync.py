@@ -262,7 +262,6 @@ def sync(
                 )
                 size = layers[0].virtual_size
                 plans.append((DiskShipment(guest, dc.target, chain, depth, full, size), base, reason))
-        maps = [pool.submit(lambda s, m: extents_of(s, m.result()), s, m) for (s, _, _), m in zip(plans, raw_maps, strict=True)]
         parent = newest.point_id if newest else None
         with _phase(phases, "begin"):
             link.request(
@@ -278,9 +277,9 @@ def sync(
         limiter = RateLimit(bwlimit)
         results: list[tuple[DiskShipment, int, int, str, str | None]] = []
         wait_s = 0.0
-        for (s, base, reason), fut in zip(plans, maps, strict=True):
+        for (s, base, reason), raw in zip(plans, raw_maps, strict=True):
             t0 = time.monotonic()
-            extents = fut.result()
+            extents = extents_of(s, raw.result())
             wait_s += time.monotonic() - t0
             sent = ship_disk(link, s, extents, compress=compress, limiter=limiter, progress=progress(f"{s.domain}/{s.target}"))
             results.append((s, data_bytes(extents), sent, base, reason))

@@ -21,8 +21,9 @@ used by a sender only when named there (an older receiver names none):
   ``path`` (absolute), and ``ext``: ``[[offset, file_offset, length], ...]``,
   and carries no payload: the receiver copies each range of that file into
   the disk at ``offset`` itself (``copy_file_range``: one copy in the
-  kernel, as ``cp`` makes). An ``applied`` request is answered once every
-  earlier message is applied (any reply is: messages apply in order).
+  kernel, as ``cp`` makes), in the background, in message order per disk.
+  An ``applied`` request is answered once every copy sent before it is
+  done; ``commit`` waits for them too.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from libvirt_cgrep.adapters import nbd
-from libvirt_cgrep.adapters.fs import fsync_dir, save_file
+from libvirt_cgrep.adapters.fs import fsync_dir, fsync_file, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qcow2 import Qcow2Writer, Unaligned, create_image
 from libvirt_cgrep.core import manifest as mf
@@ -45,7 +45,7 @@ from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, Usage
 _STAGING = re.compile(r"\.staging-(.+)\.qcow2")
 _IMAGE = re.compile(r"(.+)\.qcow2")
 #: names a writer makes and removes within one cycle (staged images, manifests being written, prune intents)
-_TRANSIENT = re.compile(r"\.staging-.+\.qcow2|\..+\.tmp|prune-.+\.json")
+_TRANSIENT = re.compile(rf"{_STAGING.pattern}|\..+\.tmp|prune-.+\.json")
 
 
 def transient(name: str) -> bool:
@@ -59,14 +59,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(4 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -345,7 +337,7 @@ class Store:
         records = []
 
         def durable_digest(path: Path) -> str:
-            _fsync_file(path)
+            fsync_file(path)
             return sha256_file(path)
 
         # fsync and hash every image side by side (hashlib releases the GIL), then rename each
@@ -411,7 +403,7 @@ class Store:
             if x_img.exists() and d.backing == x_img.name:
                 # C's view never changes: commit writes only clusters C has into X.
                 run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(c_img)], timeout=3600)
-                _fsync_file(x_img)
+                fsync_file(x_img)
                 os.replace(x_img, c_img)
                 fsync_dir(c_img.parent)
         new_disks = []
