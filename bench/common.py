@@ -131,9 +131,19 @@ def guest_artifacts() -> GuestArtifacts:
 
 @contextlib.contextmanager
 def lab_domain(
-    conn: libvirt.virConnect, disks: int, *, tag: str, size: int = 64 << 20, boot: tuple[Path, Path] | None = None
+    conn: libvirt.virConnect,
+    disks: int,
+    *,
+    tag: str,
+    size: int = 64 << 20,
+    boot: tuple[Path, Path] | None = None,
+    report_ms: int = 100,
+    iothreads: int = 0,
 ) -> Iterator[labdom.LabDomain]:
     """A running lab domain with ``disks`` data disks; always removed afterwards.
+
+    ``report_ms`` is the workload's ACK interval (each ACK line carries the max latency since the last);
+    ``iothreads`` gives the disks QEMU I/O threads (see :class:`labdom.LabSpec`).
 
     ``boot`` (kernel, initrd) replaces the shared lab guest files: a private
     daemon must boot from its own copies (see :func:`boot_copies`).
@@ -148,6 +158,8 @@ def lab_domain(
         kernel=kernel,
         initrd=initrd,
         directory=labdom.lab_root() / name,
+        report_ms=report_ms,
+        iothreads=iothreads,
     )
     try:
         vm = labdom.up(conn, spec, timeout=120)

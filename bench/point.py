@@ -8,6 +8,10 @@ workload; every trial runs each method once, round-robin with a rotating
 start so drift hits all methods equally. Around each method the guest's
 per-interval ``lat_max_us`` is read from the console log: the quiet window
 (~1 s before) and the cut window (from just before the call to ~300 ms after).
+The cut window is split where the snapshot call starts and ends: ``call`` is
+the guest's max latency while libvirt's snapshot call runs, ``after`` the rest
+(the guest's first writes into the new overlays). ACK lines come every 20 ms
+by default (``--report-ms``), so the split is sharp to about that.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.common import (
     URI,
     Window,
+    acks_between,
     boot_copies,
     fmt,
     lab_domain,
     log_offset,
+    max_lat_ms,
     median,
     percentile,
     private_libvirtd,
@@ -46,6 +52,7 @@ from bench.common import (
     wait_progress,
 )
 from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.core.model import GuestCut, Transaction
 from libvirt_cgrep.engine.libvirt_backend import SNAPSHOT_FLAGS, LibvirtBackend, disks_of, qemu_owner
 from libvirt_cgrep.engine.point import take_point
 from libvirt_cgrep.lab import domain as labdom
@@ -109,6 +116,9 @@ class Sample:
     diverged: dict[str, tuple[str, str]] | None = None
     #: which domain (epoch) of the run the sample was taken on
     epoch: int = -1
+    #: guest max write latency while the snapshot call ran, and from its end to the end of the cut window
+    call_lat_ms: float | None = None
+    after_lat_ms: float | None = None
 
     @property
     def extra_lat_ms(self) -> float | None:
@@ -125,10 +135,15 @@ class Ctx:
     dom: libvirt.virDomain
     owner: tuple[int, int] | None
     seq: int = 0
+    #: console-log offsets where the snapshot call started and ended ("call0", "call1"), set by the methods
+    marks: dict[str, int] = field(default_factory=dict)
 
     @property
     def log(self) -> Path:
         return self.vm.directory / "console.log"
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = log_offset(self.log)
 
     def tops(self) -> dict[str, str]:
         return {d.target: d.image for d in disks_of(lv.live_xml(self.dom))}
@@ -172,9 +187,11 @@ def m_virsh(ctx: Ctx) -> Measured:
 
 def m_libvirt_atomic(ctx: Ctx) -> Measured:
     xml = bare_xml(ctx.overlays("a"))
+    ctx.mark("call0")
     t0 = time.perf_counter()
     ctx.dom.snapshotCreateXML(xml, ATOMIC_FLAGS)
     ms = (time.perf_counter() - t0) * 1000.0
+    ctx.mark("call1")
     return Measured(wall_ms=ms, cut_ms=ms)
 
 
@@ -191,9 +208,11 @@ def bare_hold(*, preown: bool) -> Callable[[Ctx], Measured]:
         t0 = time.perf_counter()
         ctx.dom.suspend()
         try:
+            ctx.mark("call0")
             t1 = time.perf_counter()
             ctx.dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS)
             t2 = time.perf_counter()
+            ctx.mark("call1")
         finally:
             ctx.dom.resume()
         t3 = time.perf_counter()
@@ -202,11 +221,25 @@ def bare_hold(*, preown: bool) -> Callable[[Ctx], Measured]:
     return run
 
 
+class MarkedBackend(LibvirtBackend):
+    """Our libvirt backend, marking the console log around its snapshot call."""
+
+    def __init__(self, ctx: Ctx, *, preown: bool = False) -> None:
+        super().__init__(ctx.conn, ctx.vm.name, ctx.uri, preown=preown)
+        self.ctx = ctx
+
+    def cut(self, txn: Transaction) -> GuestCut:
+        self.ctx.mark("call0")
+        try:
+            return super().cut(txn)
+        finally:
+            self.ctx.mark("call1")
+
+
 def point(fence: str, preown: bool | None = None) -> Callable[[Ctx], Measured]:
     def run(ctx: Ctx) -> Measured:
         t0 = time.perf_counter()
-        kw = {} if preown is None else {"preown": preown}
-        backend = LibvirtBackend(ctx.conn, ctx.vm.name, ctx.uri, **kw)
+        backend = MarkedBackend(ctx) if preown is None else MarkedBackend(ctx, preown=preown)
         # The deadline is a safety cap, not what is measured: on a loaded host a 2 s hold would lose the sample.
         res = take_point([backend], fence=fence, deadline_ms=BENCH_DEADLINE_MS)
         wall = (time.perf_counter() - t0) * 1000.0
@@ -235,6 +268,10 @@ class Timing:
     settle_s: float = 0.2
     quiet_s: float = 1.0
     tail_s: float = 0.3
+    #: the guest's ACK interval: each line carries the max latency since the last one
+    report_ms: int = 20
+    #: QEMU I/O threads of the lab domains' disks (0: QEMU's main loop)
+    iothreads: int = 0
 
 
 def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
@@ -242,6 +279,7 @@ def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
     if lv.state(ctx.dom) != "running":
         raise RuntimeError(f"{ctx.vm.name} is {lv.state(ctx.dom)} before {method} trial {trial}")
     time.sleep(timing.settle_s)
+    ctx.marks.clear()
     w = Window(ctx.log)
     w.q0 = log_offset(ctx.log)
     time.sleep(timing.quiet_s)
@@ -262,7 +300,11 @@ def one_trial(ctx: Ctx, method: str, trial: int, timing: Timing) -> Sample:
         print(f"  {method} trial {trial}: live and persistent tops differ: {diverged}", file=sys.stderr, flush=True)
     if error is not None:
         return Sample(method, trial, m.wall_ms, None, None, w.quiet_ms(), None, error, diverged)
-    return Sample(method, trial, m.wall_ms, m.hold_ms, m.cut_ms, w.quiet_ms(), w.cut_ms(), None, diverged)
+    s = Sample(method, trial, m.wall_ms, m.hold_ms, m.cut_ms, w.quiet_ms(), w.cut_ms(), None, diverged)
+    if "call0" in ctx.marks and "call1" in ctx.marks:
+        s.call_lat_ms = max_lat_ms(acks_between(ctx.log, ctx.marks["call0"], ctx.marks["call1"]))
+        s.after_lat_ms = max_lat_ms(acks_between(ctx.log, ctx.marks["call1"], w.q2))
+    return s
 
 
 @dataclass
@@ -316,7 +358,8 @@ def run_epochs(
         k = e % len(names)
         for name in [*names[k:], *names[:k]]:
             conn, uri, boot = targets[name]
-            with lab_domain(conn, disks, tag=f"pt{disks}-", boot=boot) as vm:
+            lab = lab_domain(conn, disks, tag=f"pt{disks}-", boot=boot, report_ms=timing.report_ms, iothreads=timing.iothreads)
+            with lab as vm:
                 ctx = Ctx(conn, uri, vm, lv.lookup(conn, vm.name), qemu_owner())
                 run_rounds(ctx, methods, rounds, timing, out[name], label=f"{name}, {disks} disks", epoch=e)
     return out
@@ -336,7 +379,7 @@ def _vals(samples: Sequence[Sample], key: str) -> list[float]:
     return out
 
 
-KEYS = ("wall_ms", "hold_ms", "cut_ms", "extra_lat_ms", "cut_lat_ms", "quiet_lat_ms")
+KEYS = ("wall_ms", "hold_ms", "cut_ms", "extra_lat_ms", "cut_lat_ms", "quiet_lat_ms", "call_lat_ms", "after_lat_ms")
 
 
 def summarize(samples: Sequence[Sample]) -> dict[str, float | None]:
@@ -436,19 +479,22 @@ COLS = (
 
 
 def table(results: Mapping[str, Mapping[str, Mapping[str, float | None]]], title: str) -> str:
-    head = "| disks | method | n | " + " | ".join(f"{c} med | {c} p90" for c, _ in COLS) + " | guest max lat cut/quiet | failed |"
+    cols = " | ".join(f"{c} med | {c} p90" for c, _ in COLS)
+    head = f"| disks | method | n | {cols} | guest max lat quiet / cut (call, after) | failed |"
     lines = [f"### {title}", "", head, "|" + "---|" * (3 + 2 * len(COLS) + 2)]
     for disks, per in results.items():
         for m, s in per.items():
             cells = [f"{fmt(s[f'{k}_median'])} | {fmt(s[f'{k}_p90'])}" for _, k in COLS]
-            lat = f"{fmt(s['cut_lat_ms_median'])} / {fmt(s['quiet_lat_ms_median'])}"
+            lat = f"{fmt(s['quiet_lat_ms_median'])} / {fmt(s['cut_lat_ms_median'])}"
+            lat += f" ({fmt(s['call_lat_ms_median'])}, {fmt(s['after_lat_ms_median'])})"
             failed = f"{fmt(s['errors'], 0)} err, {fmt(s['diverged'], 0)} diverged"
             lines.append(f"| {disks} | {m} | {fmt(s['n'], 0)} | " + " | ".join(cells) + f" | {lat} | {failed} |")
     lines += [
         "",
         "All times in ms, median and p90 over the trials. wall: the whole call as the caller sees it; hold: host-measured",
         "suspend..resume; cut: the snapshot call itself; extra lat: guest max write latency in the ACK intervals covering",
-        "the call minus the quiet max over ~1 s before. Under TCG the guest clock stops while paused, so the latency the",
+        "the call minus the quiet max over ~1 s before; call/after: the part of the cut window while the snapshot call",
+        "ran and after it returned. Under TCG the guest clock stops while paused, so the latency the",
         "guest sees under a suspend is NOT the hold (it misses the paused time); use the host-measured hold for suspends.",
     ]
     return "\n".join(lines)
@@ -567,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--quiet-s", type=float, default=1.0)
     ap.add_argument("--tail-s", type=float, default=0.3)
+    ap.add_argument("--report-ms", type=int, default=20, help="the guest's ACK interval (default 20 ms)")
+    ap.add_argument("--iothreads", type=int, default=0, help="QEMU I/O threads for the lab domains' disks (default 0)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("run as root (lab domains on qemu:///system)")
@@ -577,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown methods: {', '.join(unknown)} (known: {', '.join(METHODS)})")
     if args.levers:
         methods += [m for m in LEVER_METHODS if m not in methods]
-    timing = Timing(quiet_s=args.quiet_s, tail_s=args.tail_s)
+    timing = Timing(quiet_s=args.quiet_s, tail_s=args.tail_s, report_ms=args.report_ms, iothreads=args.iothreads)
     rpd = args.rounds_per_domain
     host = _versions()
     report: dict[str, object] = {

@@ -93,6 +93,16 @@ def relay_running(name: str) -> bool:
     return bool(out.stdout.strip())
 
 
+@pytest.mark.parametrize(("iothreads", "want"), [(0, [None, None, None]), (1, ["1", "1", "1"]), (2, ["1", "2", "1"])])
+def test_lab_disks_spread_over_iothreads(iothreads: int, want: list[str | None]) -> None:
+    spec = labdom.LabSpec(
+        name="x", disks=3, size=1 << 20, kernel=Path("/k"), initrd=Path("/i"), directory=Path("/d/x"), iothreads=iothreads
+    )
+    root = etree.fromstring(labdom.domain_xml(spec, "00000000-0000-0000-0000-000000000001").encode())
+    assert root.findtext("iothreads") == (str(iothreads) if iothreads else None)
+    assert [d.get("iothread") for d in root.iterfind("devices/disk/driver")] == want
+
+
 def test_go_line_is_two_uart_trigger_levels() -> None:
     assert relay.go_line(7) == b"GO 000000000007\n" and len(relay.go_line(10**12 - 1)) == 16
 
