@@ -33,3 +33,15 @@ def test_group_row_written_on_change_and_heartbeat(tmp_path: Path) -> None:
     assert db.groups() == []
     assert db.upsert_group(replace(due, updated=t + 21))
     db.close()
+
+
+def test_open_alert_is_the_last_raise_without_a_clear(tmp_path: Path) -> None:
+    db = StateDB(db_path(tmp_path))
+    assert db.open_alert("g", "group-blocked", "group-unblocked") is None
+    db.add_alert("g", "group-blocked", 1.0, "member b is shutoff")
+    db.add_alert("h", "group-unblocked", 2.0, "another group")
+    db.add_alert("g", "rpo-violated", 3.0, "not this pair")
+    assert db.open_alert("g", "group-blocked", "group-unblocked") == "member b is shutoff"
+    db.add_alert("g", "group-unblocked", 4.0, "cleared")
+    assert db.open_alert("g", "group-blocked", "group-unblocked") is None
+    db.close()

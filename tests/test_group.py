@@ -216,6 +216,16 @@ def test_member_down_blocks_the_group_until_unprotected(
         assert st["state"] in ("error", "at-risk", "violated") and "shutoff" in st["last_error"]
         assert len(points(target, g)) == n_before, "a group point was committed without a member"
         assert all(p["domains"] == [a, b] for p in points(target, g))
+        # a restarted agent keeps the open group-blocked: its blocked cycles raise no second one
+        assert stop_agent(agent) == 0
+        t_restart = time.time()
+        agent = launch(agent_dir, g)
+
+        def failed_after_restart() -> bool:
+            r = row(agent_dir, g)
+            return any(not c["ok"] and c["started"] > t_restart for c in (r or {}).get("cycles", []))
+
+        wait_for("a failed group cycle after the restart", failed_after_restart, 60)
         # the operator takes b out of the group: a goes on alone
         out = cli("unprotect", b)
         assert "left group" in out.stdout and members_of(conn, a) == (g, (a,))

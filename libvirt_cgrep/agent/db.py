@@ -209,6 +209,14 @@ class StateDB:
     def add_alert(self, grp: str, kind: str, time: float, message: str) -> None:
         self.conn.execute("INSERT INTO alerts (grp, kind, time, message) VALUES (?,?,?,?)", (grp, kind, time, message))
 
+    def open_alert(self, grp: str, raised: str, cleared: str) -> str | None:
+        """The message of ``grp``'s last ``raised`` alert if no ``cleared`` alert came after it (a pair still open)."""
+        cur = self.conn.execute(
+            "SELECT kind, message FROM alerts WHERE grp = ? AND kind IN (?, ?) ORDER BY id DESC LIMIT 1", (grp, raised, cleared)
+        )
+        r = cur.fetchone()
+        return str(r[1]) if r is not None and r[0] == raised else None
+
     def alerts(self, grp: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if grp:
             cur = self.conn.execute(

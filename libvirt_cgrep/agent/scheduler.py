@@ -223,6 +223,8 @@ class Agent:
                     spec,
                     state="violated" if gname in self.open_violations else "unknown",
                     durations=self.db.durations(gname, rpo.HISTORY),  # a restarted agent predicts from its history
+                    # a group-blocked raised before a restart stays open: not raised twice, cleared when it clears
+                    blocked=self.db.open_alert(gname, "group-blocked", "group-unblocked"),
                 )
                 self.open_violations.discard(gname)
                 log.info(
