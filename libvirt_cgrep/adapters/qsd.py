@@ -74,11 +74,17 @@ class StorageDaemon:
                 self.stop()
                 raise UnavailableError(f"qemu-storage-daemon did not start: {err.splitlines()[-1] if err else 'no monitor'}")
             time.sleep(0.01)
-        try:
-            self._qmp = QMPConnection(self.qmp_path, timeout=5.0)
-        except QMPError:
-            self.stop()
-            raise
+        # The socket file appears at bind(), before listen(): a connect in between is refused, so retry
+        # while the daemon lives, up to the same deadline.
+        while True:
+            try:
+                self._qmp = QMPConnection(self.qmp_path, timeout=5.0)
+                break
+            except QMPError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.01)
 
     @property
     def pid(self) -> int:
