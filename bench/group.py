@@ -63,6 +63,7 @@ from bench.common import (
 )
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters.proc import wait_listening
 from libvirt_cgrep.core.model import GuestCut
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
 from libvirt_cgrep.engine.backend import Backend
@@ -242,10 +243,7 @@ def qmp_guests(vms: int, disks: int) -> Iterator[list[Guest]]:
             qmp, guard = d / "qmp.sock", d / "guardian.sock"
             argv += ["-qmp", f"unix:{qmp},server=on,wait=off", "-qmp", f"unix:{guard},server=on,wait=off"]
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            deadline = time.monotonic() + 30
-            while not (qmp.exists() and guard.exists()):
-                assert time.monotonic() < deadline and procs[-1].poll() is None, "QEMU did not start"
-                time.sleep(0.05)
+            wait_listening([str(qmp), str(guard)], procs[-1], what="QEMU", timeout=30)
 
             def make(q: Path = qmp, gd: Path = guard) -> Backend:
                 from libvirt_cgrep.engine.qmp_backend import QMPBackend

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters.proc import wait_listening
 from libvirt_cgrep.adapters.qmp import QMPCommandError, QMPConnection, QMPOutcomeUnknown, cont
 from libvirt_cgrep.core.model import Guest, Transaction
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
@@ -59,16 +60,6 @@ VMFactory = Callable[..., BareVM]
 
 def _target(i: int) -> str:
     return "vd" + "abcdefghijklmnopqrstuvwxyz"[i]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"QEMU exited with {proc.returncode} before creating {path.name}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"QEMU did not create {path.name} within {timeout:g} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -125,8 +116,7 @@ def bare_vm(tmp_path: Path, guest: GuestArtifacts) -> Iterator[VMFactory]:
         with open(d / "qemu.err", "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         procs.append(proc)
-        _wait_for(qmp, proc)
-        _wait_for(guardian, proc)
+        wait_listening([str(qmp), str(guardian)], proc, what="QEMU")
         vm = BareVM(proc, d, str(qmp), str(guardian), d / "console.log", tuple(images))
         if not paused:
             wait_for_ack(vm.console, after=100, timeout=180)  # boot under TCG on a loaded host

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,41 @@ def stop(proc: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, timeout: flo
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+#: Flag of a listening socket in ``/proc/net/unix`` (``__SO_ACCEPTCON``).
+_SO_ACCEPTCON = 0x10000
+
+
+def unix_listening(path: str) -> bool:
+    """True once a unix socket bound at ``path`` is listening (in this network namespace).
+
+    A socket's file appears at ``bind()``, before ``listen()``; a connect in
+    between is refused. This reads ``/proc/net/unix`` and connects to nothing,
+    so it is safe on sockets where a probe connection would have effects.
+    """
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+        next(f, None)  # header
+        for line in f:
+            fields = line.split(maxsplit=7)
+            if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & _SO_ACCEPTCON:
+                return True
+    return False
+
+
+def wait_listening(paths: Sequence[str], proc: subprocess.Popen[Any], *, what: str, timeout: float = 10.0) -> None:
+    """Wait until ``proc`` listens on every unix socket in ``paths``.
+
+    Returns once they all accept connections. Raises UnavailableError, with
+    the last line of ``proc``'s piped stderr when it exited, if ``proc`` exits
+    first or ``timeout`` seconds pass; ``proc`` is left as it is.
+    """
+    deadline = time.monotonic() + timeout
+    while not all(unix_listening(p) for p in paths):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            last = err.splitlines()[-1] if err else f"it exited with status {proc.returncode}"
+            raise UnavailableError(f"{what} did not start: {last}")
+        if time.monotonic() > deadline:
+            raise UnavailableError(f"{what} did not start: no listening socket within {timeout:g} s")
+        time.sleep(0.01)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libvirt_cgrep.adapters.proc import require_tool
+from libvirt_cgrep.adapters.proc import require_tool, wait_listening
 from libvirt_cgrep.adapters.qmp import QMPConnection
 from libvirt_cgrep.errors import QMPError, UnavailableError
 
@@ -67,24 +67,12 @@ class StorageDaemon:
             preexec_fn=preexec,  # noqa: PLW1509 - only a prctl, no locks taken
         )
         self._qmp: QMPConnection | None = None
-        deadline = time.monotonic() + 10.0
-        while not os.path.exists(self.qmp_path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-                self.stop()
-                raise UnavailableError(f"qemu-storage-daemon did not start: {err.splitlines()[-1] if err else 'no monitor'}")
-            time.sleep(0.01)
-        # The socket file appears at bind(), before listen(): a connect in between is refused, so retry
-        # while the daemon lives, up to the same deadline.
-        while True:
-            try:
-                self._qmp = QMPConnection(self.qmp_path, timeout=5.0)
-                break
-            except QMPError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.01)
+        try:
+            wait_listening([self.qmp_path], self.proc, what="qemu-storage-daemon", timeout=10.0)
+            self._qmp = QMPConnection(self.qmp_path, timeout=5.0)
+        except (UnavailableError, QMPError):
+            self.stop()
+            raise
 
     @property
     def pid(self) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.adapters.proc import wait_listening
 from libvirt_cgrep.continuous.mirror import Mirrors
 from libvirt_cgrep.core import continuous as cc
 from libvirt_cgrep.core import manifest as mf
@@ -43,7 +44,7 @@ from libvirt_cgrep.core.plan import point_id as make_point_id
 from libvirt_cgrep.core.plan import select_disks
 from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, qemu_owner
-from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UnavailableError, UsageError
+from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UsageError
 from libvirt_cgrep.replica.link import Link, Target, ssh_argv
 from libvirt_cgrep.replica.receiver import manifest_to_dict
 
@@ -160,18 +161,8 @@ class Session:
             self.target, "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote}"
         )
         self.forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        end = time.monotonic() + 15.0
-        while not os.path.exists(local):
-            if self.forwarder.poll() is not None or time.monotonic() > end:
-                err = (
-                    self.forwarder.stderr.read().decode(errors="replace").strip()
-                    if self.forwarder.poll() is not None and self.forwarder.stderr
-                    else ""
-                )
-                raise UnavailableError(
-                    f"the ssh forwarding to {self.target} did not start: {err.splitlines()[-1] if err else 'timeout'}"
-                )
-            time.sleep(0.02)
+        # QEMU connects to it later: wait until ssh listens, not only until the file exists.
+        wait_listening([local], self.forwarder, what=f"the ssh forwarding to {self.target}", timeout=15.0)
         owner = qemu_owner()
         if owner is not None:
             with contextlib.suppress(PermissionError):
