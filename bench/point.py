@@ -224,8 +224,8 @@ def bare_hold(*, preown: bool) -> Callable[[Ctx], Measured]:
 class MarkedBackend(LibvirtBackend):
     """Our libvirt backend, marking the console log around its snapshot call."""
 
-    def __init__(self, ctx: Ctx, *, preown: bool = False) -> None:
-        super().__init__(ctx.conn, ctx.vm.name, ctx.uri, preown=preown)
+    def __init__(self, ctx: Ctx, **kw: bool) -> None:
+        super().__init__(ctx.conn, ctx.vm.name, ctx.uri, **kw)
         self.ctx = ctx
 
     def cut(self, txn: Transaction) -> GuestCut:
@@ -239,7 +239,8 @@ class MarkedBackend(LibvirtBackend):
 def point(fence: str, preown: bool | None = None) -> Callable[[Ctx], Measured]:
     def run(ctx: Ctx) -> Measured:
         t0 = time.perf_counter()
-        backend = MarkedBackend(ctx) if preown is None else MarkedBackend(ctx, preown=preown)
+        kw = {} if preown is None else {"preown": preown}  # None: the backend's own default
+        backend = MarkedBackend(ctx, **kw)
         # The deadline is a safety cap, not what is measured: on a loaded host a 2 s hold would lose the sample.
         res = take_point([backend], fence=fence, deadline_ms=BENCH_DEADLINE_MS)
         wall = (time.perf_counter() - t0) * 1000.0
