@@ -3,8 +3,9 @@
 ``python -m libvirt_cgrep.lab.scenario --local`` runs it on one host: the primary is
 this libvirtd, the replica a directory reached through a private sshd on
 loopback (so every point travels over ssh, as between two hosts), and the
-"original site" another directory. ``vagrant/scenario --vagrant`` is the same
-walk inside the Vagrant lab (see vagrant/Vagrantfile).
+"original site" another directory. ``vagrant/scenario`` runs this same
+``--local`` walk on the Vagrant lab's primary (see vagrant/Vagrantfile); a
+walk that fails over on the replica host itself is not written yet.
 
 Steps: a 2-VM lab group whose dependent writes span both VMs -> ``protect``
 with an RPO -> the agent keeps it (``status``) while points accumulate ->
