@@ -331,12 +331,23 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def configs(text: str) -> list[tuple[int, int]]:
+    """``VMSxDISKS,...`` (e.g. ``2x4,3x2``; empty for none) as (vms, disks) pairs; argparse's error otherwise."""
+    out = []
+    for cfg in [c for c in text.split(",") if c]:
+        vms, _, disks = cfg.partition("x")
+        if not (vms.isdigit() and disks.isdigit() and 1 <= int(vms) <= 8 and 1 <= int(disks) <= 8):
+            raise argparse.ArgumentTypeError(f"{cfg!r} is not VMSxDISKS with 1-8 of each (e.g. 2x4)")
+        out.append((int(vms), int(disks)))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="2x4,3x2", help="VMSxDISKS,... (libvirt; default 2x4,3x2)")
+    ap.add_argument("--configs", type=configs, default="2x4,3x2", help="VMSxDISKS,... (libvirt; default 2x4,3x2)")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epoch", type=int, default=10, help="fresh guests every N rounds (default 10)")
-    ap.add_argument("--qmp", default="2x4", help="qmp backend configs (bare QEMU), '' for none (default 2x4)")
+    ap.add_argument("--qmp", type=configs, default="2x4", help="qmp backend configs (bare QEMU), '' for none (default 2x4)")
     ap.add_argument(
         "--daemon",
         default="",
@@ -368,8 +379,8 @@ def run_all(args: argparse.Namespace, uri: str, boot: tuple[Path, Path] | None, 
     raw: dict[str, list[dict[str, object]]] = {}
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for backend, cfgs in (("libvirt", args.configs), ("qmp", args.qmp)):
-        for cfg in [c for c in cfgs.split(",") if c]:
-            vms, disks = (int(x) for x in cfg.split("x"))
+        for vms, disks in cfgs:
+            cfg = f"{vms}x{disks}"
             label = f"{backend} {cfg}"
             print(f"{label}: {args.trials} rounds ({', '.join(METHODS)})", file=sys.stderr, flush=True)
 
