@@ -1,5 +1,8 @@
 """Continuous mode's cost to the guest, side by side in one run on one lab VM.
 
+Run as ``.venv/bin/python bench/continuous.py [options] [--out FILE]`` (root,
+libvirtd running, the lab guest built); ``--help`` lists the options.
+
 Phases, each on the same VM: unprotected; continuous with a write-back
 export; continuous with a write-through export. Per phase: records/s and
 write latency over a steady window with no cut, then ``--cuts`` replica-side
@@ -23,6 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import acks_between, fmt, lab_domain, log_offset, median, percentile, ratio
 from libvirt_cgrep.adapters import libvirt as lv
