@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_cgrep.adapters.proc import unix_listening, wait_listening
+from libvirt_cgrep.adapters.proc import listening_unix_paths, wait_listening
 from libvirt_cgrep.errors import UnavailableError
 
 
@@ -17,10 +17,10 @@ def test_a_bound_socket_listens_only_after_listen(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(path)
-        assert Path(path).exists() and not unix_listening(path)  # the window a connect is refused in
+        assert Path(path).exists() and path not in listening_unix_paths()  # the window a connect is refused in
         s.listen()
-        assert unix_listening(path)
-    assert not unix_listening(path)  # closed: its file stays, nobody listens
+        assert path in listening_unix_paths()
+    assert path not in listening_unix_paths()  # closed: its file stays, nobody listens
 
 
 def test_wait_listening_returns_once_the_child_listens(tmp_path: Path) -> None:

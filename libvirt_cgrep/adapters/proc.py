@@ -76,20 +76,21 @@ def stop(proc: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, timeout: flo
 _SO_ACCEPTCON = 0x10000
 
 
-def unix_listening(path: str) -> bool:
-    """True once a unix socket bound at ``path`` is listening (in this network namespace).
+def listening_unix_paths() -> set[str]:
+    """The paths of the unix sockets listening now (in this network namespace).
 
     A socket's file appears at ``bind()``, before ``listen()``; a connect in
-    between is refused. This reads ``/proc/net/unix`` and connects to nothing,
-    so it is safe on sockets where a probe connection would have effects.
+    between is refused. This reads ``/proc/net/unix`` once and connects to
+    nothing, so it is safe on sockets where a probe connection would have effects.
     """
+    out = set()
     with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
         next(f, None)  # header
         for line in f:
             fields = line.split(maxsplit=7)
-            if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & _SO_ACCEPTCON:
-                return True
-    return False
+            if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+                out.add(fields[7].rstrip("\n"))
+    return out
 
 
 def wait_listening(paths: Sequence[str], proc: subprocess.Popen[Any], *, what: str, timeout: float = 10.0) -> None:
@@ -100,7 +101,7 @@ def wait_listening(paths: Sequence[str], proc: subprocess.Popen[Any], *, what: s
     first or ``timeout`` seconds pass; ``proc`` is left as it is.
     """
     deadline = time.monotonic() + timeout
-    while not all(unix_listening(p) for p in paths):
+    while not set(paths) <= listening_unix_paths():  # one read of /proc/net/unix per poll
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             last = err.splitlines()[-1] if err else f"it exited with status {proc.returncode}"
