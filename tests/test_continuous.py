@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -19,9 +20,26 @@ import libvirt
 import pytest
 
 from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.agent.continuous import read_sidecar
 from libvirt_cgrep.engine.libvirt_backend import disks_of
 from libvirt_cgrep.lab import domain as labdom
+from libvirt_cgrep.lab.build import GuestArtifacts
 from tests.conftest import SSHD, URI, GroupFactory, LabFactory, wait_progress
+from tests.test_agent import agent_dir
+from tests.test_agent_faults import (
+    PrivateLibvirtd,
+    cgrep,
+    is_running,
+    kinds,
+    launch,
+    point_ids,
+    private_libvirtd,
+    up_on,
+    verify_all,
+    wait_for,
+)
+
+__all__ = ["agent_dir", "private_libvirtd"]  # fixtures, re-exported for pytest
 
 
 def cli(
@@ -402,3 +420,62 @@ def test_agent_restarts_mirrors_after_domain_restart(conn: libvirt.virConnect, l
     assert no_jobs(conn, vm.name)
     res = verify(target)
     assert res and all(x["ok"] and x["write_order"]["consistent"] for x in res)
+
+
+def test_agent_continuous_libvirtd_restarted(
+    private_libvirtd: PrivateLibvirtd, guest: GuestArtifacts, agent_dir: Path, tmp_path: Path
+) -> None:
+    """libvirtd restarted under a group in continuous mode (a private libvirtd: the machine's one stays up):
+    a continuous-degraded alert, no guest I/O error, no corrupt point, continuous mode back in sync by itself and
+    new points consistent."""
+    from tests.test_agent import alerts, stop_agent
+
+    daemon = private_libvirtd
+    pconn = libvirt.open(daemon.uri)
+    vm = up_on(pconn, guest, 2, "contlrst")
+    run_dir = Path(tempfile.mkdtemp(prefix="cgt-run-"))
+    run_dir.chmod(0o711)
+    target = tmp_path / "replica"
+    fcli = functools.partial(cgrep, uri=daemon.uri)
+    fcli("protect", vm.name, "--target", str(target), "--rpo", "1m", "--mode", "continuous", "--interval", "2s")
+    agent = launch(agent_dir, vm.name, uri=daemon.uri, env={"CGREP_RUN_DIR": str(run_dir), "CGREP_CONTINUOUS_RETRY_S": "5"})
+
+    def sidecar() -> dict[str, Any]:
+        return read_sidecar(agent_dir).get(vm.name, {})
+
+    try:
+        wait_for("in sync with a point", lambda: sidecar().get("mirror") == "in-sync" and sidecar().get("last_point"), 120)
+        before = point_ids(target)
+        t0 = time.monotonic()
+        daemon.stop()
+        down_s = time.monotonic() - t0
+        wait_for("continuous-degraded", lambda: "continuous-degraded" in kinds(agent_dir, vm.name), 60, every=0.05)
+        alert_s = time.monotonic() - t0
+        up_s = daemon.start()
+        pconn.close()
+        pconn = libvirt.open(daemon.uri)
+        assert is_running(pconn, vm.name)
+        wait_for("continuous-restored", lambda: "continuous-restored" in kinds(agent_dir, vm.name), 180, every=0.2)
+        restored_s = time.monotonic() - t0
+        last = sidecar().get("last_point")
+        wait_for("a continuous point after the restart", lambda: sidecar().get("last_point") not in (None, last), 60)
+        print(
+            f"libvirtd restart under continuous mode: stopped in {down_s:.2f} s, degraded alert {alert_s:.2f} s, "
+            f"libvirtd answered {up_s:.2f} s later, in sync again {restored_s:.1f} s after the stop"
+        )
+    finally:
+        rc = stop_agent(agent)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert rc == 0
+    degraded = [a for a in alerts(agent_dir) if a["kind"] == "continuous-degraded"]
+    assert len(degraded) == 1 and "libvirtd" in degraded[0]["message"], degraded  # none for the agent's own stop
+    assert alert_s < 5.0, alert_s  # the connection's close, not the next cut (interval 2 s here, 1 min by default)
+    assert is_running(pconn, vm.name)
+    assert_guest_writes(vm, 10)
+    assert set(before) <= set(point_ids(target)), "a committed point was lost"
+    res = verify_all(target)
+    assert len(res) > len(before)
+    assert not list(target.glob("*/disks/*/*/.staging-*"))
+    assert no_jobs(pconn, vm.name)
+    assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, check=False).stdout
+    pconn.close()

@@ -10,7 +10,8 @@ Guarantees:
   exit) is read, which wakes the scheduler at once; the group then falls
   back to snapshot-mode cycles to the same target, and continuous mode is
   retried after ``RETRY_S`` (a full resync by the mirror), with
-  ``continuous-restored`` when it is in sync again;
+  ``continuous-restored`` when it is in sync again; a child ended by the
+  agent's own stop raises nothing;
 - the mode, mirror state (syncing, in-sync, degraded) and last point are
   written to ``continuous.json`` beside the state DB for ``status``.
 """
@@ -178,6 +179,8 @@ class Continuous:
                 hold_ms=0.0,
                 error=None,
             )
+        elif kind == "exit" and self.agent.stopping and g.mirror != "degraded":
+            g.mirror = "off"  # ended by the agent's own stop: not a fault, no alert
         elif kind in ("degraded", "exit") and g.mirror != "degraded":
             reason = str(ev.get("reason") or (ev.get("stderr") or [""])[0] or f"exit {ev.get('code')}")
             g.mirror, g.reason = "degraded", reason

@@ -9,6 +9,10 @@ Guarantees:
   so every write acknowledged before the cut is in the point, on every disk;
 - the replica flushes the frozen images inside its transaction and fsyncs
   them before the manifest (replica/live.py): a committed point is durable;
+- libvirtd's connection closing (libvirtd restarted or killed) ends the
+  session at once with a ``degraded`` event: without it no job event can be
+  seen, so no point may be committed (the jobs themselves end with the
+  replica session; a restarted libvirtd finds them concluded and drops them);
 - the replica is pinged every 0.5 s; a request unanswered for
   ``replica_timeout`` breaks the link (kills the ssh forwarder, or the local
   daemon), so the jobs fail instead of blocking guest writes any longer;
@@ -98,12 +102,21 @@ class Session:
         self.mirrors: list[Mirrors] = []
         self.wake = threading.Event()
         self.broke: str | None = None
+        self.lost: str | None = None
         self.points = 0
         self.last_point: float | None = None
 
     # ------------------------------------------------------------ plumbing
     def _on_change(self, domain: str, target: str, state: str) -> None:
         self.wake.set()
+
+    def _conn_closed(self, conn: object, reason: int, opaque: object) -> None:
+        self.lost = f"the connection to libvirtd closed (reason {reason}): job events can no longer be seen"
+        self.wake.set()
+
+    def _check_conn(self) -> None:
+        if self.lost:
+            raise StateError(self.lost)
 
     @contextlib.contextmanager
     def _deadline(self, what: str, seconds: float | None = None) -> Iterator[None]:
@@ -173,6 +186,8 @@ class Session:
     def start(self) -> None:
         for b in self.backends:
             b.require_running()
+        with contextlib.suppress(libvirt.libvirtError):  # one close callback per connection: the session owns it
+            self.conn.registerCloseCallback(self._conn_closed, None)
         disks: list[tuple[str, str, int]] = []
         per_dom: dict[str, list[str]] = {}
         for b in self.backends:
@@ -210,6 +225,7 @@ class Session:
         self.emit({"event": "in-sync", "set": self.set_name, "sync_s": round(time.monotonic() - t0, 3)})
 
     def _ping(self) -> None:
+        self._check_conn()
         now = time.monotonic()
         if now - getattr(self, "_last_ping", 0.0) >= PING_S:
             self._last_ping = now
@@ -229,6 +245,7 @@ class Session:
         time.sleep(self.opts.grace)
         states2, failures2 = self._states()
         bad = [t for m in self.mirrors for t in m.check_jobs()]
+        self._check_conn()
         if failures2 != failures or cc.mirror_state(states2) != "in-sync" or bad:
             raise StateError(f"a mirror left READY around the cut of {pid}: point not committed ({states2}, gone: {bad})")
         draft = mf.Manifest(
@@ -280,6 +297,7 @@ class Session:
                 self.start()
                 next_at = time.monotonic()
                 while not stop.is_set():
+                    self._check_conn()
                     states, _ = self._states()
                     if cc.mirror_state(states) != "in-sync":
                         raise StateError(f"mirror left READY: {', '.join(f'{k} {v}' for k, v in states.items() if v != 'ready')}")
@@ -320,6 +338,8 @@ class Session:
         for m in self.mirrors:
             m.abort()
             m.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.unregisterCloseCallback()
         if self.link is not None:
             if self.link.proc.poll() is None:
                 self.link.close()  # 'bye': the receiver stops its daemon and discards the live images (killed after 30 s)
