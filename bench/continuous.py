@@ -12,11 +12,22 @@ The workload reports, every 100 ms, the records acknowledged and their mean
 and max latency: p50 is the median of the windows' means, p99 the 99th
 percentile of the windows' maxima (an upper bound), max the largest.
 Loopback, TCG: report the load average with the figures.
+
+``--configs VMSxDISKS,...`` (e.g. ``1x2,1x4,1x8,2x4``) measures instead the
+guests' extra max write latency during a replica-side cut per configuration,
+side by side in one run: per configuration, VMS lab VMs of DISKS disks each
+form one continuous set (one daemon, ONE transaction over every disk), with a
+write-back export; ``--cuts`` cuts, each compared with the quiet second before
+it, for every guest. Reported: the median over cuts of the worst guest's extra
+max latency, the median over every guest and cut, the largest value, the
+replica's transaction (ms) and the seeding time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -30,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import acks_between, fmt, lab_domain, log_offset, median, percentile, ratio
+from bench.common import acks_between, fmt, lab_domain, log_offset, median, percentile, ratio, wait_progress
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.continuous.mirror import start_event_loop
 from libvirt_cgrep.continuous.session import Options, Session
@@ -52,21 +63,101 @@ def steady(log: Path, seconds: float) -> dict[str, float | None]:
     }
 
 
-def cut_trials(log: Path, session: Session, cuts: int) -> dict[str, Any]:
-    extra, cut_ms = [], []
+def cut_trials(logs: Sequence[Path], session: Session, cuts: int) -> dict[str, Any]:
+    """``cuts`` points; per cut and guest, the max latency around the cut minus that of the quiet second before."""
+    extra: list[float] = []  # per cut: the worst guest's
+    per_guest: list[list[float | None]] = []
+    cut_ms = []
     for _ in range(cuts):
-        q0 = log_offset(log)
+        q0 = [log_offset(log) for log in logs]
         time.sleep(1.0)
-        q1 = log_offset(log)
+        q1 = [log_offset(log) for log in logs]
         ev = session.point()
         time.sleep(0.3)
-        q2 = log_offset(log)
-        quiet = acks_between(log, q0, q1)
-        during = acks_between(log, q1, q2)
-        if quiet and during:
-            extra.append(max(a.lat_max_us for a in during) / 1000.0 - max(a.lat_max_us for a in quiet) / 1000.0)
+        q2 = [log_offset(log) for log in logs]
+        row: list[float | None] = []
+        for log, a, b, c in zip(logs, q0, q1, q2, strict=True):
+            quiet, during = acks_between(log, a, b), acks_between(log, b, c)
+            row.append(
+                max(x.lat_max_us for x in during) / 1000.0 - max(x.lat_max_us for x in quiet) / 1000.0
+                if quiet and during
+                else None
+            )
+        per_guest.append(row)
+        if any(x is not None for x in row):
+            extra.append(max(x for x in row if x is not None))
         cut_ms.append(float(ev["cut_ms"]))
-    return {"extra_max_ms_median": median(extra), "extra_max_ms_all": extra, "replica_cut_ms_median": median(cut_ms)}
+    every = [x for row in per_guest for x in row if x is not None]
+    return {
+        "extra_max_ms_median": median(extra),
+        "extra_max_ms_guest_median": median(every),
+        "extra_max_ms_max": max(extra) if extra else None,
+        "extra_max_ms_all": extra,
+        "extra_max_ms_per_guest": per_guest,
+        "replica_cut_ms_median": median(cut_ms),
+        "replica_cut_ms_all": cut_ms,
+    }
+
+
+def configs(text: str) -> list[tuple[int, int]]:
+    """``VMSxDISKS,...`` (e.g. ``1x2,2x4``) as (vms, disks) pairs; argparse's error otherwise."""
+    out = []
+    for cfg in [c for c in text.split(",") if c]:
+        vms, _, disks = cfg.partition("x")
+        if not (vms.isdigit() and disks.isdigit() and 1 <= int(vms) <= 4 and 1 <= int(disks) <= 8):
+            raise argparse.ArgumentTypeError(f"{cfg!r} is not VMSxDISKS with 1-4 VMs and 1-8 disks (e.g. 2x4)")
+        out.append((int(vms), int(disks)))
+    return out
+
+
+def _keep_sync_s(out: list[float], ev: dict[str, Any]) -> None:
+    if ev.get("event") == "in-sync":
+        out.append(float(ev["sync_s"]))
+
+
+def run_configs(conn: Any, cfgs: Sequence[tuple[int, int]], cuts: int) -> dict[str, Any]:
+    """Per configuration: its VMs in one continuous set (write-back), ``cuts`` replica-side cuts."""
+    results: dict[str, Any] = {}
+    for vms, disks in cfgs:
+        label = f"{vms}x{disks}"
+        print(f"{label}: {vms} VM(s) x {disks} disks, {cuts} cuts", file=sys.stderr, flush=True)
+        load0 = os.getloadavg()[0]
+        with contextlib.ExitStack() as stack:
+            doms = [stack.enter_context(lab_domain(conn, disks, tag=f"bc{label}", size=32 << 20)) for _ in range(vms)]
+            for vm in doms:
+                wait_progress(vm.directory / "console.log", records=10)
+            d = stack.enter_context(tempfile.TemporaryDirectory(prefix="bcont-"))
+            target = parse_target(str(Path(d) / "replica"))
+            names = [vm.name for vm in doms]
+            sync: list[float] = []
+            s = Session(
+                conn,
+                lv.default_uri(),
+                names,
+                target,
+                set_name=f"bench{label}" if vms > 1 else None,
+                opts=Options(),
+                emit=functools.partial(_keep_sync_s, sync),
+            )
+            try:
+                s.start()
+                res = cut_trials([vm.directory / "console.log" for vm in doms], s, cuts)
+            finally:
+                s.close()
+        res.update({"vms": vms, "disks": disks, "sync_s": sync[0] if sync else None, "load": [load0, os.getloadavg()[0]]})
+        results[label] = res
+    return results
+
+
+def print_configs(results: dict[str, Any]) -> None:
+    head = f"{'cut extra max ms':>17} {'per guest':>9} {'worst':>7} {'replica cut ms':>15} {'seed s':>7} {'load':>11}"
+    print(f"{'config':8} {'disks':>5} {head}")
+    for label, r in results.items():
+        print(
+            f"{label:8} {r['vms'] * r['disks']:>5} {fmt(r['extra_max_ms_median'], 1):>17} "
+            f"{fmt(r['extra_max_ms_guest_median'], 1):>9} {fmt(r['extra_max_ms_max'], 1):>7} "
+            f"{fmt(r['replica_cut_ms_median'], 1):>15} {fmt(r['sync_s'], 1):>7} {r['load'][0]:>5.2f}-{r['load'][1]:<5.2f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,10 +165,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--disks", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=15.0, help="steady window per phase")
     ap.add_argument("--cuts", type=int, default=8)
+    ap.add_argument(
+        "--configs",
+        type=configs,
+        default="",
+        help="VMSxDISKS,... (e.g. 1x2,1x4,1x8,2x4): only the cut's extra max latency, per configuration side by side",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/continuous.json"))
     args = ap.parse_args(argv)
     start_event_loop()
     conn = lv.connect()
+    if args.configs:
+        report_c: dict[str, Any] = {"cuts": args.cuts, "load_before": os.getloadavg()}
+        report_c["configs"] = run_configs(conn, args.configs, args.cuts)
+        report_c["load_after"] = os.getloadavg()
+        print(f"continuous mode, replica-side cuts (write-back export), loopback, TCG; {args.cuts} cuts per config")
+        print_configs(report_c["configs"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report_c, indent=1))
+        return 0
     report: dict[str, Any] = {"disks": args.disks, "load_before": os.getloadavg()}
     with lab_domain(conn, args.disks, tag="bcont", size=32 << 20) as vm:
         log = vm.directory / "console.log"
@@ -90,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     s.start()
                     res: dict[str, Any] = dict(steady(log, args.seconds))
-                    res.update(cut_trials(log, s, args.cuts))
+                    res.update(cut_trials([log], s, args.cuts))
                 finally:
                     s.close()
                 phases[label] = res
