@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def test_continuous_points_are_consistent(conn: libvirt.virConnect, lab_vm: LabF
     out = cli("continuous", vm.name, "--target", target, "--interval", "1s", "--count", "12", "--keep", "10", "--json")
     evs = events(out.stdout)
     pts = [e for e in evs if e["event"] == "point"]
-    assert [e["event"] for e in evs[:2]] == ["syncing", "in-sync"] and len(pts) == 12
+    assert [e["event"] for e in evs if e["event"] != "progress"][:2] == ["syncing", "in-sync"] and len(pts) == 12
     assert sum(len(e["pruned"]) for e in pts) == 2
     res = verify(target)
     assert [r["point_id"] for r in res] == [e["point_id"] for e in pts[2:]]
@@ -479,3 +480,63 @@ def test_agent_continuous_libvirtd_restarted(
     assert no_jobs(pconn, vm.name)
     assert not subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{run_dir}"], capture_output=True, check=False).stdout
     pconn.close()
+
+
+def test_resync_reports_progress_and_refuses_points(
+    conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeding slowed to 8 MiB/s per disk: ``progress`` events (bytes copied of bytes to copy, growing), the set is
+    ``syncing`` and a point asked for meanwhile is refused (nothing reaches the target); once in sync, points work
+    and are consistent."""
+    from libvirt_cgrep.continuous.mirror import start_event_loop
+    from libvirt_cgrep.continuous.session import FAULT_COPY_BANDWIDTH_ENV, Options, Session
+    from libvirt_cgrep.errors import StateError
+    from libvirt_cgrep.replica.link import parse_target
+
+    vm = lab_vm(disks=2, tag="contprog")
+    wait_progress(vm.directory / "console.log", records=10)
+    monkeypatch.setenv(FAULT_COPY_BANDWIDTH_ENV, str(8 << 20))
+    start_event_loop()  # before the connection: its events need the loop
+    c = lv.connect(URI)
+    target = tmp_path / "replica"
+    evs: list[dict[str, Any]] = []
+    s = Session(c, URI, [vm.name], parse_target(str(target)), set_name=None, opts=Options(), emit=evs.append)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            s.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=start)
+    th.start()
+    try:
+        wait_for("two progress events", lambda: sum(e["event"] == "progress" for e in evs) >= 2 or errors, 120, every=0.05)
+        assert not errors, errors
+        if not any(e["event"] == "in-sync" for e in evs):
+            assert s.state() == "syncing"
+            with pytest.raises(StateError, match="not in sync"):
+                s.point()
+            refused = True
+        else:
+            refused = False
+        th.join(timeout=300)
+        assert not th.is_alive() and not errors, errors
+        prog = [e for e in evs if e["event"] == "progress"]
+        dones = [int(e["done"]) for e in prog]
+        print(
+            f"resync: {len(prog)} progress events, {dones[-1] >> 20} of {int(prog[-1]['total']) >> 20} MiB last; "
+            f"point refused while syncing: {refused}"
+        )
+        assert refused, "the seeding ended before a point could be asked for"
+        assert dones == sorted(dones) and dones[-1] > dones[0] and all(int(e["total"]) > 0 for e in prog)
+        assert not (target / "cgrep-replica.json").exists() or not point_ids(target)
+        pid = s.point()["point_id"]
+    finally:
+        th.join(timeout=300)
+        s.close()
+        c.close()
+    res = verify(str(target))
+    assert [r["point_id"] for r in res] == [pid] and res[0]["ok"] and res[0]["write_order"]["consistent"], res
+    assert no_jobs(conn, vm.name)

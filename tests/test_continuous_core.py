@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from libvirt_cgrep.core import continuous as cc
@@ -77,3 +79,39 @@ def test_metrics_expose_mirror_state_and_point_age() -> None:
     assert 'cgrep_continuous_mirror_state{group="g1",state="degraded"} 0.0' in text
     age = next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("cgrep_continuous_point_age_seconds{"))
     assert 2.5 < age < 60
+
+
+def test_resync_progress_and_mode_label() -> None:
+    """status's MODE column shows a resync's percent while syncing, never above 100 % (QEMU's total may grow)."""
+    assert cc.resync_percent(None, None) is None and cc.resync_percent(5, 0) is None
+    assert cc.resync_percent(50, 200) == 25.0 and cc.resync_percent(300, 200) == 100.0
+    assert cc.mode_label("snapshot", None) == "snapshot"
+    assert cc.mode_label("continuous", "syncing", 1 << 20, 4 << 20) == "continuous/syncing 25%"
+    assert cc.mode_label("continuous", "syncing") == "continuous/syncing"
+    assert cc.mode_label("continuous", "in-sync", 1, 2) == "continuous/in-sync"
+
+
+def test_metrics_and_sidecar_carry_resync_progress(tmp_path: Path) -> None:
+    """progress events of a syncing child reach Prometheus and status's sidecar; in-sync clears them."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import prometheus_client as pc
+
+    from libvirt_cgrep.agent.continuous import Continuous, _Group, read_sidecar
+
+    c = Continuous(cast(Any, SimpleNamespace()), tmp_path / "continuous.json")
+    g = c.groups["g1"] = _Group(mirror="syncing")
+    rt = cast(Any, SimpleNamespace())
+    c._event(rt, g, {"event": "progress", "done": 3 << 20, "total": 8 << 20}, cast(Any, None))
+    c._write()
+    assert read_sidecar(tmp_path)["g1"]["resync_done"] == 3 << 20
+    reg = pc.CollectorRegistry()
+    c.metrics(reg)
+    text = pc.generate_latest(reg).decode()
+    assert 'cgrep_continuous_resync_done_bytes{group="g1"} 3.145728e+06' in text
+    assert 'cgrep_continuous_resync_total_bytes{group="g1"} 8.388608e+06' in text
+    g.degraded = False
+    c._event(rt, g, {"event": "in-sync"}, cast(Any, None))
+    assert g.resync_done is None and g.resync_total is None
+    assert "cgrep_continuous_resync_done_bytes{" not in pc.generate_latest(reg).decode()

@@ -12,8 +12,10 @@ Guarantees:
   retried after ``RETRY_S`` (a full resync by the mirror), with
   ``continuous-restored`` when it is in sync again; a child ended by the
   agent's own stop raises nothing;
-- the mode, mirror state (syncing, in-sync, degraded) and last point are
-  written to ``continuous.json`` beside the state DB for ``status``.
+- the mode, mirror state (syncing, in-sync, degraded), the resync's
+  progress (bytes copied of bytes to copy, while syncing) and last point are
+  written to ``continuous.json`` beside the state DB for ``status``, and
+  exported to Prometheus.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class _Group:
     last_point_time: float | None = None
     last_cut_ms: float | None = None
     reason: str | None = None
+    resync_done: int | None = None
+    resync_total: int | None = None
 
 
 class Continuous:
@@ -148,6 +152,7 @@ class Continuous:
         if g.child is None and running and rt.future is None and not self.agent.stopping and time.monotonic() >= g.retry_at:
             g.child = self._spawn(rt)
             g.mirror = "syncing"
+            g.resync_done = g.resync_total = None
         self._write()
         return g.child is not None
 
@@ -155,8 +160,12 @@ class Continuous:
         kind = ev.get("event")
         if kind == "syncing":
             g.mirror = "syncing"
+            g.resync_done = g.resync_total = None
+        elif kind == "progress":
+            g.resync_done, g.resync_total = int(ev["done"]), int(ev["total"])
         elif kind == "in-sync":
             g.mirror = "in-sync"
+            g.resync_done = g.resync_total = None
             if g.degraded:
                 g.degraded = False
                 self._alert(rt, "continuous-restored", "mirrors in sync again (after a full resync)", now)
@@ -214,6 +223,8 @@ class Continuous:
                 "last_point_time": g.last_point_time,
                 "last_cut_ms": g.last_cut_ms,
                 "reason": g.reason,
+                "resync_done": g.resync_done,
+                "resync_total": g.resync_total,
             }
             for name, g in self.groups.items()
         }
@@ -225,7 +236,7 @@ class Continuous:
             self._written = text
 
     def metrics(self, registry: Any) -> None:
-        """Prometheus: mirror state (1 for the current one) and seconds since the last continuous point."""
+        """Prometheus: mirror state (1 for the current one), seconds since the last continuous point, resync bytes."""
         from prometheus_client.core import GaugeMetricFamily
 
         agent = self
@@ -238,14 +249,25 @@ class Continuous:
                 age = GaugeMetricFamily(
                     "cgrep_continuous_point_age_seconds", "Seconds since the last continuous point", labels=["group"]
                 )
+                done = GaugeMetricFamily(
+                    "cgrep_continuous_resync_done_bytes", "Bytes the running resync has copied", labels=["group"]
+                )
+                total = GaugeMetricFamily(
+                    "cgrep_continuous_resync_total_bytes", "Bytes the running resync has to copy", labels=["group"]
+                )
                 now = datetime.now(UTC).timestamp()
                 for name, g in agent.groups.items():
                     for s in ("syncing", "in-sync", "degraded"):
                         st.add_metric([name, s], 1.0 if g.mirror == s else 0.0)
                     if g.last_point_time is not None:
                         age.add_metric([name], now - g.last_point_time)
+                    if g.resync_total is not None and g.resync_done is not None:
+                        done.add_metric([name], float(g.resync_done))
+                        total.add_metric([name], float(g.resync_total))
                 yield st
                 yield age
+                yield done
+                yield total
 
         registry.register(Collector())
 

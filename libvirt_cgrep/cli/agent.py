@@ -311,6 +311,7 @@ STATUS_COLUMNS = [
 def cmd_status(args: argparse.Namespace) -> int:
     from libvirt_cgrep.agent.continuous import read_sidecar
     from libvirt_cgrep.agent.db import state_dir
+    from libvirt_cgrep.core import continuous as cc
 
     db = _open_db(args)
     cont = read_sidecar(args.state_dir or state_dir())
@@ -325,6 +326,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "mode": c.get("mode", "snapshot"),
                 "mirror": c.get("mirror"),
                 "last_cut_ms": c.get("last_cut_ms"),
+                "resync_done": c.get("resync_done"),
+                "resync_total": c.get("resync_total"),
                 "members": list(g.members),
                 "member_rows": [
                     {"domain": m, "state": st}
@@ -358,7 +361,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "age": "-" if r["age"] is None else f"{r['age']}s",
                 "next_in": "-" if r["next_in"] is None else f"{r['next_in']}s",
                 "last_duration": "-" if r["last_duration"] is None else f"{r['last_duration']}s",
-                "mode": r["mode"] if r["mirror"] is None else f"{r['mode']}/{r['mirror']}",
+                "mode": cc.mode_label(r["mode"], r["mirror"], r["resync_done"], r["resync_total"]),
             }
         )
         if len(r["member_rows"]) > 1 or (r["member_rows"] and r["member_rows"][0]["domain"] != r["group"]):

@@ -22,10 +22,13 @@ every disk of the set there; the guest is never paused. Points land in the
 same replica format as 'sync' (points, verify, retention).
 
 The first point after the mirrors start is a full copy (the mirror copies
-the whole disk into a fresh image); later points are deltas.
+the whole disk into a fresh image, reported by 'progress' events: bytes
+copied of bytes to copy, every second until 'in-sync'; no point is taken
+before); later points are deltas.
 
 Faults end the run with exit 66 after a 'degraded' event: a mirror that
-fails (replica killed, link cut, domain stopped), or a replica that does
+fails (replica killed, link cut, domain stopped), libvirtd's connection
+closing (without job events no point may be committed), or a replica that does
 not answer within --replica-timeout (the link is then broken on purpose, so
 guest writes never block longer). The agent then falls back to snapshot
 mode and returns to continuous mode by itself.

@@ -101,9 +101,13 @@ class Mirrors:
             for t in list(self.states):
                 self._set(t, "gone")
 
-    def start(self, socket: str, exports: Mapping[str, str]) -> None:
-        """One ``virDomainBlockCopy`` per disk into its export; LibvirtError (jobs started so far aborted) on failure."""
+    def start(self, socket: str, exports: Mapping[str, str], bandwidth: int | None = None) -> None:
+        """One ``virDomainBlockCopy`` per disk into its export; LibvirtError (jobs started so far aborted) on failure.
+
+        ``bandwidth`` (bytes/s) limits each job's background copy (tests: a seeding that lasts).
+        """
         started: list[str] = []
+        params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
         try:
             for target in self.states:
                 self._set(target, "syncing")
@@ -112,7 +116,7 @@ class Mirrors:
                     self.dom.blockCopy,
                     target,
                     nbd_disk_xml(socket, exports[target]),
-                    None,
+                    params,
                     COPY_FLAGS,
                 )
                 started.append(target)
@@ -123,6 +127,20 @@ class Mirrors:
     def snapshot(self) -> tuple[dict[str, str], int]:
         with self.lock:
             return dict(self.states), self.failures
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes copied, bytes to copy) over every job, asked now; a job not listed counts as 0 of 0.
+
+        QEMU's own counters: ``total`` grows when guest writes dirty what was already copied.
+        """
+        done = total = 0
+        for target in self.states:
+            with contextlib.suppress(libvirt.libvirtError):
+                info = self.dom.blockJobInfo(target, 0)
+                if info and info.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
+                    done += int(info.get("cur", 0))
+                    total += int(info.get("end", 0))
+        return done, total
 
     def check_jobs(self) -> list[str]:
         """Disks whose copy job QEMU no longer runs (asked now: libvirt queries QEMU's block jobs)."""

@@ -2,7 +2,10 @@
 
 Guarantees:
 
-- no point is asked for before every disk's mirror is READY;
+- no point is taken before every disk's mirror is READY: :meth:`Session.point`
+  refuses (StateError) while any mirror is still syncing; the seeding (a
+  full resync) reports ``progress`` events (bytes copied of bytes to copy,
+  QEMU's job counters) every second until ``in-sync``;
 - a point is committed only if no mirror left READY between the moment the
   jobs were READY and ``grace`` seconds after the replica's cut (a failed
   target write surfaces as a job failure within QEMU's 100 ms job slice):
@@ -54,6 +57,10 @@ from libvirt_cgrep.replica.receiver import manifest_to_dict
 
 Emit = Callable[[dict[str, Any]], None]
 PING_S = 0.5
+#: Seconds between two ``progress`` events while syncing.
+PROGRESS_S = 1.0
+#: Limits each copy job's background copy to this many bytes/s (tests: a seeding that lasts).
+FAULT_COPY_BANDWIDTH_ENV = "CGREP_FAULT_COPY_BANDWIDTH"
 #: Deadline of requests that do real work on the replica (start, commit: checksums; prune: merges).
 LONG_S = 600.0
 
@@ -105,6 +112,7 @@ class Session:
         self.lost: str | None = None
         self.points = 0
         self.last_point: float | None = None
+        self._last_progress = 0.0
 
     # ------------------------------------------------------------ plumbing
     def _on_change(self, domain: str, target: str, state: str) -> None:
@@ -216,13 +224,32 @@ class Session:
             }
         )
         t0 = time.monotonic()
+        bandwidth = int(os.environ.get(FAULT_COPY_BANDWIDTH_ENV) or 0) or None
         for b in self.backends:
             m = Mirrors(self.conn, b.dom, per_dom[b.name], self._on_change)
             self.mirrors.append(m)
-            m.start(socket, {t: exports[(b.name, t)] for t in per_dom[b.name]})
+            m.start(socket, {t: exports[(b.name, t)] for t in per_dom[b.name]}, bandwidth)
+        self._last_progress = 0.0
         for m in self.mirrors:
-            m.wait_ready(self.opts.ready_timeout, self._ping)
+            m.wait_ready(self.opts.ready_timeout, self._syncing_tick)
         self.emit({"event": "in-sync", "set": self.set_name, "sync_s": round(time.monotonic() - t0, 3)})
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes copied, bytes to copy) of the set's jobs, asked now."""
+        done = total = 0
+        for m in self.mirrors:
+            d, t = m.progress()
+            done, total = done + d, total + t
+        return done, total
+
+    def _syncing_tick(self) -> None:
+        """While seeding: pings, and a ``progress`` event every PROGRESS_S."""
+        self._ping()
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_S:
+            self._last_progress = now
+            done, total = self.progress()
+            self.emit({"event": "progress", "set": self.set_name, "done": done, "total": total})
 
     def _ping(self) -> None:
         self._check_conn()
@@ -235,7 +262,7 @@ class Session:
         """One point: cut on the replica, prove the mirrors stayed in sync across it, commit."""
         states, failures = self._states()
         if cc.mirror_state(states) != "in-sync":
-            raise StateError(f"mirrors not in sync: {states}")
+            raise StateError(f"no point while the mirrors are not in sync: {states}")
         # The point's time is taken before its overlays are prepared: the point holds at least every write
         # acknowledged until then (conservative for the RPO).
         now = datetime.now(UTC)

@@ -109,3 +109,18 @@ def mirror_state(jobs: Mapping[str, str]) -> str:
     if all(s == "ready" for s in jobs.values()):
         return "in-sync"
     return "syncing"
+
+
+def resync_percent(done: int | None, total: int | None) -> float | None:
+    """A resync's progress in percent (QEMU's counters: ``total`` may still grow), None when unknown."""
+    if done is None or not total:
+        return None
+    return min(100.0, 100.0 * done / total)
+
+
+def mode_label(mode: str, mirror: str | None, done: int | None = None, total: int | None = None) -> str:
+    """``status``'s MODE column: ``continuous/syncing 42%``, ``continuous/in-sync``, or the bare mode."""
+    if mirror is None:
+        return mode
+    pct = resync_percent(done, total) if mirror == "syncing" else None
+    return f"{mode}/{mirror}" if pct is None else f"{mode}/{mirror} {pct:.0f}%"
