@@ -113,5 +113,18 @@ def test_metrics_and_sidecar_carry_resync_progress(tmp_path: Path) -> None:
     assert 'cgrep_continuous_resync_total_bytes{group="g1"} 8.388608e+06' in text
     g.degraded = False
     c._event(rt, g, {"event": "in-sync"}, cast(Any, None))
+    c.agent = cast(Any, SimpleNamespace(db=SimpleNamespace(add_cycle=lambda *a, **k: None)))
+    point = {"event": "point", "point_id": PID, "time_utc": "2026-11-25T10:15:00.123456Z", "cut_ms": 3.0, "write_ms": 1.5}
+    c._event(cast(Any, SimpleNamespace(spec=SimpleNamespace(name="g1"))), g, point, cast(Any, None))
+    c._write()
+    assert read_sidecar(tmp_path)["g1"]["write_ms"] == 1.5
+    assert 'cgrep_continuous_write_latency_seconds{group="g1"} 0.0015' in pc.generate_latest(reg).decode()
     assert g.resync_done is None and g.resync_total is None
     assert "cgrep_continuous_resync_done_bytes{" not in pc.generate_latest(reg).decode()
+
+
+def test_mean_write_ms() -> None:
+    """The mean latency between two (operations, ns) samples; None without writes or after a counter reset."""
+    assert cc.mean_write_ms((10, 1_000_000), (20, 21_000_000)) == 2.0
+    assert cc.mean_write_ms((10, 5), (10, 5)) is None
+    assert cc.mean_write_ms((10, 5_000_000), (3, 1_000)) is None

@@ -13,7 +13,8 @@ Guarantees:
   ``continuous-restored`` when it is in sync again; a child ended by the
   agent's own stop raises nothing;
 - the mode, mirror state (syncing, in-sync, degraded), the resync's
-  progress (bytes copied of bytes to copy, while syncing) and last point are
+  progress (bytes copied of bytes to copy, while syncing), the guests' mean
+  write latency on the mirrored disks (over the last interval) and last point are
   written to ``continuous.json`` beside the state DB for ``status``, and
   exported to Prometheus.
 """
@@ -70,6 +71,7 @@ class _Group:
     reason: str | None = None
     resync_done: int | None = None
     resync_total: int | None = None
+    write_ms: float | None = None
 
 
 class Continuous:
@@ -176,6 +178,8 @@ class Continuous:
             rt.failures = 0
             rt.last_error = None
             g.last_point, g.last_point_time, g.last_cut_ms = pid, rt.newest_time.timestamp(), float(ev["cut_ms"])
+            if ev.get("write_ms") is not None:
+                g.write_ms = float(ev["write_ms"])
             ts = rt.newest_time.timestamp()
             self.agent.db.add_cycle(
                 rt.spec.name,
@@ -225,6 +229,7 @@ class Continuous:
                 "reason": g.reason,
                 "resync_done": g.resync_done,
                 "resync_total": g.resync_total,
+                "write_ms": g.write_ms,
             }
             for name, g in self.groups.items()
         }
@@ -236,7 +241,7 @@ class Continuous:
             self._written = text
 
     def metrics(self, registry: Any) -> None:
-        """Prometheus: mirror state (1 for the current one), seconds since the last continuous point, resync bytes."""
+        """Prometheus: mirror state (1 for the current one), seconds since the last point, resync bytes, write latency."""
         from prometheus_client.core import GaugeMetricFamily
 
         agent = self
@@ -255,8 +260,15 @@ class Continuous:
                 total = GaugeMetricFamily(
                     "cgrep_continuous_resync_total_bytes", "Bytes the running resync has to copy", labels=["group"]
                 )
+                lat = GaugeMetricFamily(
+                    "cgrep_continuous_write_latency_seconds",
+                    "Guests' mean write latency on the mirrored disks over the last interval (each write waits for the replica)",
+                    labels=["group"],
+                )
                 now = datetime.now(UTC).timestamp()
                 for name, g in agent.groups.items():
+                    if g.write_ms is not None and g.mirror == "in-sync":
+                        lat.add_metric([name], g.write_ms / 1000.0)
                     for s in ("syncing", "in-sync", "degraded"):
                         st.add_metric([name, s], 1.0 if g.mirror == s else 0.0)
                     if g.last_point_time is not None:
@@ -268,6 +280,7 @@ class Continuous:
                 yield age
                 yield done
                 yield total
+                yield lat
 
         registry.register(Collector())
 

@@ -328,6 +328,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "last_cut_ms": c.get("last_cut_ms"),
                 "resync_done": c.get("resync_done"),
                 "resync_total": c.get("resync_total"),
+                "write_ms": c.get("write_ms"),
                 "members": list(g.members),
                 "member_rows": [
                     {"domain": m, "state": st}

@@ -142,6 +142,16 @@ class Mirrors:
                     total += int(info.get("end", 0))
         return done, total
 
+    def write_stats(self) -> tuple[int, int]:
+        """(write operations, their total time in ns) of the domain's mirrored disks, QEMU's counters, asked now."""
+        ops = ns = 0
+        for target in self.states:
+            with contextlib.suppress(libvirt.libvirtError):
+                st = self.dom.blockStatsFlags(target, 0)
+                ops += int(st.get("wr_operations", 0))
+                ns += int(st.get("wr_total_times", 0))
+        return ops, ns
+
     def check_jobs(self) -> list[str]:
         """Disks whose copy job QEMU no longer runs (asked now: libvirt queries QEMU's block jobs)."""
         bad = []

@@ -5,7 +5,9 @@ Guarantees:
 - no point is taken before every disk's mirror is READY: :meth:`Session.point`
   refuses (StateError) while any mirror is still syncing; the seeding (a
   full resync) reports ``progress`` events (bytes copied of bytes to copy,
-  QEMU's job counters) every second until ``in-sync``;
+  QEMU's job counters) every second until ``in-sync``; each point reports
+  the guest's mean write latency on the mirrored disks since the previous
+  one (``write_ms``: every acknowledged write waited for the replica);
 - a point is committed only if no mirror left READY between the moment the
   jobs were READY and ``grace`` seconds after the replica's cut (a failed
   target write surfaces as a job failure within QEMU's 100 ms job slice):
@@ -113,6 +115,7 @@ class Session:
         self.points = 0
         self.last_point: float | None = None
         self._last_progress = 0.0
+        self._wstats = (0, 0)
 
     # ------------------------------------------------------------ plumbing
     def _on_change(self, domain: str, target: str, state: str) -> None:
@@ -232,7 +235,16 @@ class Session:
         self._last_progress = 0.0
         for m in self.mirrors:
             m.wait_ready(self.opts.ready_timeout, self._syncing_tick)
+        self._wstats = self.write_stats()
         self.emit({"event": "in-sync", "set": self.set_name, "sync_s": round(time.monotonic() - t0, 3)})
+
+    def write_stats(self) -> tuple[int, int]:
+        """(write operations, total ns) over the set's mirrored disks, asked now."""
+        ops = ns = 0
+        for m in self.mirrors:
+            o, n = m.write_stats()
+            ops, ns = ops + o, ns + n
+        return ops, ns
 
     def progress(self) -> tuple[int, int]:
         """(bytes copied, bytes to copy) of the set's jobs, asked now."""
@@ -305,6 +317,9 @@ class Session:
             )["deleted"]
         self.points += 1
         self.last_point = time.monotonic()
+        wstats = self.write_stats()
+        write_ms = cc.mean_write_ms(self._wstats, wstats)
+        self._wstats = wstats
         return {
             "event": "point",
             "set": self.set_name,
@@ -314,6 +329,7 @@ class Session:
             "prepare_ms": prep["prepare_ms"],
             "preflush_ms": cut["preflush_ms"],
             "commit_ms": reply["commit_ms"],
+            "write_ms": None if write_ms is None else round(write_ms, 3),
             "pruned": pruned,
         }
 

@@ -124,3 +124,11 @@ def mode_label(mode: str, mirror: str | None, done: int | None = None, total: in
         return mode
     pct = resync_percent(done, total) if mirror == "syncing" else None
     return f"{mode}/{mirror}" if pct is None else f"{mode}/{mirror} {pct:.0f}%"
+
+
+def mean_write_ms(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Mean write latency (ms) between two (operations, total ns) samples; None without writes (or a counter reset)."""
+    ops, ns = after[0] - before[0], after[1] - before[1]
+    if ops <= 0 or ns < 0:
+        return None
+    return ns / ops / 1e6
