@@ -63,6 +63,7 @@ def test_hostile_names_are_refused(name: str, capsys: pytest.CaptureFixture[str]
         ["lab", "up", "ok1", "--bs", "1000"],
         ["lab", "up", "ok1", "--rate", "-1"],
         ["lab", "check"],
+        ["failback", "g", "--target", "/nonexistent", "--to", "ssh://h/x", "--home-uri", "qemu:///system"],
         ["nosuchverb"],
     ],
 )

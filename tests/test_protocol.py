@@ -39,6 +39,23 @@ def test_a_receiver_not_started_by_a_local_sync_refuses_copyv(tmp_path: Path) ->
     assert replies[1]["ok"] is False and "own host" in replies[1]["error"]
 
 
+def test_failback_start_is_offered_and_ends_the_session(tmp_path: Path) -> None:
+    """``failback-start`` (the original site starts the originals) is named; with nothing to finish it says so."""
+    out = subprocess.run(
+        [sys.executable, "-m", "libvirt_cgrep", "receive", str(tmp_path / "t")],
+        input=proto.MAGIC
+        + struct.pack(">I", proto.VERSION)
+        + _msg({"op": "failback-start", "set": "g", "start": None})
+        + _msg({"op": "sets"}),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    replies = _replies(out.stdout[12:])
+    assert "failback-start" in replies[0]["features"]
+    assert replies[1]["ok"] is False and replies[1]["kind"] == "NotFoundError" and "no failback" in replies[1]["error"]
+
+
 def test_copyv_extents_are_checked() -> None:
     assert proto.copy_extents({"ext": [[0, 7, 65536]]}) == [(0, 7, 65536)]
     for bad in ({"ext": [[0, -1, 10]]}, {"ext": [[0, 0, 0]]}, {"ext": [[0, 0, 10]], "n": 10}):

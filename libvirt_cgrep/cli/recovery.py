@@ -116,8 +116,8 @@ def register(sub: Any) -> None:
     )
     b.add_argument("name", metavar="GROUP|DOMAIN")
     b.add_argument("--target", required=True, metavar="T", help="the replica target the failover used (local path)")
-    b.add_argument("--to", required=True, metavar="TO", help="the reverse target on the original site (a path)")
-    b.add_argument("--home-uri", metavar="URI", help="libvirt of the original site (default: the -c connection)")
+    b.add_argument("--to", required=True, metavar="TO", help="the reverse target on the original site: /path or ssh://...")
+    b.add_argument("--home-uri", metavar="URI", help="libvirt of the original site for a local --to (default: the -c connection)")
     b.add_argument("--json", action="store_true", help="machine-readable result")
     b.set_defaults(func=cmd_failback)
 
@@ -149,9 +149,10 @@ reverse point is shipped to TO as the final point, this target learns the
 final point locally (so protection in the original direction resumes with
 deltas), the failover run is retired, and the originals are defined again
 (names, UUIDs and protection metadata kept) on new overlays over TO's final
-point and started (on --home-uri, default the -c connection). TO must be a
-path this command can reach (the original site's target). Running it again
-finishes an interrupted failback.
+point and started. TO is the reverse target: with ssh://HOST/PATH the
+receiver on HOST starts the originals on HOST's libvirt; with a local path,
+this command starts them on --home-uri (default the -c connection). Running
+it again finishes an interrupted failback.
 """
 
 
@@ -181,19 +182,21 @@ def cmd_reverse(args: argparse.Namespace) -> int:
 
 
 def cmd_failback(args: argparse.Namespace) -> int:
-    from libvirt_cgrep.recovery.reverse import failback
+    from libvirt_cgrep.recovery.reverse import Home, failback
 
+    to = parse_target(args.to)
+    if to.host is not None and args.home_uri:
+        raise UsageError("--home-uri is for a local --to: with ssh:// the original site's receiver starts the originals there")
     root = _local_root(args.target)
-    to_root = _local_root(args.to)
     uri = args.connect or lv.default_uri()
-    home_uri = args.home_uri or uri
     conn = lv.connect(uri)
-    home = lv.connect(home_uri)
+    home = None if to.host is not None else Home(lv.connect(args.home_uri or uri), args.home_uri or uri)
     try:
-        res = failback(conn, uri, root, args.name, to_root, home_conn=home, home_uri=home_uri)
+        res = failback(conn, uri, root, args.name, to, home=home)
     finally:
         conn.close()
-        home.close()
+        if home is not None:
+            home.conn.close()
     if args.json:
         emit_json(res.as_dict())
         return EXIT_OK

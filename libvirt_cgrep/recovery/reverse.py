@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -430,35 +430,122 @@ class FailbackResult:
         }
 
 
+@dataclass(frozen=True)
+class HomeStart:
+    """What the original site needs to start the originals over the final point.
+
+    ``xmls`` and ``names``: per recovered domain, its original's domain XML and name.
+    """
+
+    point: str
+    run: str
+    xmls: dict[str, str]
+    names: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Home:
+    """The original site's libvirt, for a ``TO`` that is a local path (an ssh ``TO``'s receiver uses its own)."""
+
+    conn: libvirt.virConnect
+    uri: str
+
+
+def start_home(
+    conn: libvirt.virConnect,
+    uri: str,
+    to_root: Path,
+    set_name: str,
+    start: HomeStart | None,
+    *,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[str, str, tuple[str, ...]]:
+    """Define and start the originals on the original site over ``start``'s final point, on ``conn``; returns (point, run, names).
+
+    ``start`` None finishes a failback run that began starting them before (NotFoundError if there is none).
+    Runs where ``to_root`` is a local path: in ``failback`` itself, or in the original site's receiver.
+    """
+    if start is None:
+        ro = Store.open(to_root, create=False, readonly=True)
+        journals = fo.journals(to_root, set_name) if set_name in ro.sets() else []
+        runs = [r for r in journals if r.kind == "failback" and r.state == "preparing"]
+        if not runs:
+            raise NotFoundError(f"no failback of {set_name!r} to finish on {to_root}")
+        res = fo.failover(conn, uri, to_root, set_name, kind="failback", point=runs[-1].point_id, force=True)
+    else:
+        res = fo.failover(
+            conn,
+            uri,
+            to_root,
+            set_name,
+            kind="failback",
+            point=start.point,
+            force=True,
+            run_id=start.run,
+            xml_override=start.xmls,
+            names=start.names,
+            progress=progress,
+        )
+    return res.journal.point_id, res.journal.run, tuple(d.name for d in res.journal.domains)
+
+
+def _start_home(
+    to: Target, home: Home | None, set_name: str, start: HomeStart | None, progress: Callable[[str], None]
+) -> tuple[str, str, tuple[str, ...]]:
+    """:func:`start_home` on the original site: here for a local ``to``, else by its receiver (``failback-start``)."""
+    if to.host is None:
+        if home is None:
+            raise StateError("failback to a local path needs the original site's libvirt")
+        return start_home(home.conn, home.uri, Path(to.path), set_name, start, progress=progress)
+    link = Link(to)
+    try:
+        if "failback-start" not in link.features:
+            raise StateError(f"the receiver on {to.host} cannot start a failback: update libvirt-cgrep there")
+        r = link.request({"op": "failback-start", "set": set_name, "start": None if start is None else asdict(start)})
+    finally:
+        link.close()
+    return str(r["point"]), str(r["run"]), tuple(str(n) for n in r["originals"])
+
+
+def _point_on(to: Target, set_name: str, point_id: str) -> mf.Manifest:
+    link = Link(to, readonly=True)
+    try:
+        pts = link.request({"op": "points", "set": set_name})["points"]
+    finally:
+        link.close()
+    for m in (manifest_from_dict(d) for d in pts):
+        if m.point_id == point_id:
+            return m
+    raise NotFoundError(f"{to} lacks the final point {point_id} of {set_name}")
+
+
 def failback(
     conn: libvirt.virConnect,
     uri: str,
     root: Path,
     name: str,
-    to_root: Path,
+    to: Target,
     *,
-    home_conn: libvirt.virConnect,
-    home_uri: str,
+    home: Home | None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> FailbackResult:
-    """Planned return to the original site (``to_root``: the reverse target there, reachable as a local path)."""
+    """Planned return to the original site ``to``: the reverse target there.
+
+    ``to`` a local path: the originals start on ``home``; ssh://: its receiver starts them on its host's libvirt.
+    """
     t0 = time.monotonic()
     try:
         j = active_failover(root, name)
-    except NotFoundError:
+    except NotFoundError as missing:
         # Interrupted after the failover run was retired: finish starting the originals at home.
-        ro = Store.open(to_root, create=False, readonly=True)
-        sets = [name] if name in ro.sets() else []
-        home = [r for s in sets for r in fo.journals(to_root, s) if r.kind == "failback" and r.state == "preparing"]
-        if not home:
-            raise
-        run = home[-1]
-        res = fo.failover(home_conn, home_uri, to_root, run.set_name, kind="failback", point=run.point_id, force=True)
-        return FailbackResult(run.point_id, 0, 0, tuple(d.name for d in res.journal.domains), run.run, time.monotonic() - t0)
+        try:
+            point, run, names = _start_home(to, home, name, None, progress)
+        except NotFoundError:
+            raise missing from None
+        return FailbackResult(point, 0, 0, names, run, time.monotonic() - t0)
     rev = j.extra.get("reverse")
-    if not rev or parse_target(str(rev["to"])).path != str(to_root):
-        raise StateError(f"{j.set_name} is not protected back to {to_root}: run 'reverse' first")
-    to = parse_target(str(rev["to"]))
+    if not rev or parse_target(str(rev["to"])) != to:
+        raise StateError(f"{j.set_name} is not protected back to {to}: run 'reverse' first")
     p = Store.open(root, create=False, readonly=True).point(j.set_name, j.point_id)
     # 1. hold, then stop: no write can follow the final point.
     for r in j.domains:
@@ -474,10 +561,7 @@ def failback(
     progress("recovered domains stopped")
     # 2. the final point on the original site
     fb = j.extra.get("failback", {})
-    if "final" in fb:
-        final = Store.open(to_root, create=False, readonly=True).point(j.set_name, fb["final"])
-    else:
-        final = _final_point(conn, j, to)
+    final = _point_on(to, j.set_name, fb["final"]) if "final" in fb else _final_point(conn, j, to)
     final_shipped = sum(d.bytes_shipped for d in final.disks)
     home_run = fb.get("home_run") or rc.run_id("failback", datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ"))
     j = j.step(
@@ -488,24 +572,11 @@ def failback(
     fo.save_journal(root, j)
     progress(f"final point {final.point_id} committed on {to}")
     # 3. this target learns the final point locally: protection resumes with deltas.
-    home_bytes = _seed_home(root, j, p=p, final=final, to_root=to_root, home_run=home_run, conn=conn)
+    home_bytes = _seed_home(root, j, p=p, final=final, to_root=Path(to.path), home_run=home_run, conn=conn)
     # 4. retire the failover run (its domains and overlays), then start the originals at home.
     fo.cleanup_run(conn, root, j)
     originals = {r.name: r.original for r in j.domains}
     xmls = {x.name: x.xml for x in p.domains}
-    res = fo.failover(
-        home_conn,
-        home_uri,
-        to_root,
-        j.set_name,
-        kind="failback",
-        point=final.point_id,
-        force=True,
-        run_id=home_run,
-        xml_override={n: xmls[o] for n, o in originals.items() if o in xmls},
-        names=originals,
-        progress=progress,
-    )
-    return FailbackResult(
-        final.point_id, final_shipped, home_bytes, tuple(d.name for d in res.journal.domains), home_run, time.monotonic() - t0
-    )
+    start = HomeStart(final.point_id, home_run, {n: xmls[o] for n, o in originals.items() if o in xmls}, originals)
+    _, _, names = _start_home(to, home, j.set_name, start, progress)
+    return FailbackResult(final.point_id, final_shipped, home_bytes, names, home_run, time.monotonic() - t0)

@@ -24,6 +24,14 @@ used by a sender only when named there (an older receiver names none):
   kernel, as ``cp`` makes), in the background, in message order per disk.
   An ``applied`` request is answered once every copy sent before it is
   done; ``commit`` waits for them too.
+- ``failback-start``: the last step of a ``failback`` whose ``TO`` is this
+  receiver's target: ``{"op": "failback-start", "set": S, "start": {"point",
+  "run", "xmls", "names"}}`` defines and starts the originals on this host's
+  libvirt (the default URI) over that final point, as ``failback`` does for a
+  local ``TO``; ``"start": null`` finishes such a start that was interrupted.
+  The reply names the point, the run and the domains started. The receiver
+  lets the target's lock go first (the recovery takes it), so this is the
+  session's last request.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ _LEN = struct.Struct(">I")
 MAX_JSON = 64 << 20
 COMPRESSORS = ("zlib", "zstd")
 #: the optional features this side's receiver offers
-FEATURES = ("datav",)
+FEATURES = ("datav", "failback-start")
 #: ... and offers to a sender on its own host
 LOCAL_FEATURES = (*FEATURES, "copyv")
 

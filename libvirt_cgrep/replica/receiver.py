@@ -144,6 +144,7 @@ class _Session:
         # copyv: each disk's copies run on worker threads (disks side by side), in message order per disk
         self.copier: ThreadPoolExecutor | None = None
         self.copies: dict[tuple[str, str], Future[None]] = {}
+        self.done = False  # after failback-start: no further request
 
     def writer(self, msg: dict[str, Any]) -> StagedWriter:
         """The disk's writer, once every copy sent before ``msg`` for that disk is done (its error raised here)."""
@@ -230,6 +231,8 @@ class _Session:
 
     def handle(self, msg: dict[str, Any], payload: bytes) -> dict[str, Any] | None:
         op = msg.get("op")
+        if self.done:
+            raise StateError(f"request {op!r} after failback-start: this session has ended")
         if op == "datav":
             w = self.writer(msg)
             view, pos = memoryview(payload), 0
@@ -307,11 +310,33 @@ class _Session:
             wo = bool(msg.get("write_order"))
             results = [r for m in pts if (r := verify_settled(self.store, m, write_order=wo)) is not None]
             return {"ok": True, "results": results}
+        if op == "failback-start":
+            if self.staged:
+                raise StateError("a point is being received")
+            # The recovery takes the target's writer lock itself (to hold its point): this session lets it go and ends.
+            self.store.close()
+            self.done = True
+            return _failback_start(self.store.root, msg)
         if op == "prune":
             pol = Policy(**msg["policy"])
             now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
             return {"ok": True, "deleted": self.store.prune(msg["set"], pol, now)}
         raise UsageError(f"unknown request {op!r}")
+
+
+def _failback_start(root: Path, msg: dict[str, Any]) -> dict[str, Any]:
+    """Start the originals of a failback on this (the original) site's libvirt, over this target's final point."""
+    from libvirt_cgrep.adapters import libvirt as lv
+    from libvirt_cgrep.recovery.reverse import HomeStart, start_home
+
+    start = HomeStart(**msg["start"]) if msg.get("start") else None
+    uri = lv.default_uri()
+    conn = lv.connect(uri)
+    try:
+        point, run, names = start_home(conn, uri, root, str(msg["set"]), start)
+    finally:
+        conn.close()
+    return {"ok": True, "point": point, "run": run, "originals": list(names)}
 
 
 def _seed_path(path: str) -> Path:
