@@ -1,27 +1,58 @@
-"""The demo's story (make demo, vagrant/scenario) runs end to end and every one of its checks passes."""
+"""The demo's story (make demo, vagrant/scenario) runs end to end and every one of its checks passes.
+
+Two ways: ``--local`` (make demo, CI), and the two-host mode of the Vagrant lab
+(``--replica-host/--primary-host``) with both hosts this one behind a loopback
+sshd: the replica site's steps run in ssh sessions, in a working directory of
+their own, and the original site's receiver starts the originals at failback.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 from libvirt_cgrep.lab import domain as labdom
+from libvirt_cgrep.lab.sshd import Sshd
 
 
-def test_local_scenario_checks_pass() -> None:
+@pytest.mark.parametrize("mode", ["local", "two-hosts"])
+def test_scenario_checks_pass(mode: str, sshd: Sshd) -> None:
     root = labdom.lab_root() / "scenario-test"
-    argv = [sys.executable, "-m", "libvirt_cgrep.lab.scenario", "--local", "--rpo", "30s", "--points", "2", "--root", str(root)]
+    replica_root = labdom.lab_root() / "scenario-test-replica-site"
+    base = [sys.executable, "-m", "libvirt_cgrep.lab.scenario"]
+    argv = [*base, "--rpo", "30s", "--points", "2", "--root", str(root)]
+    env = None
+    if mode == "local":
+        argv.append("--local")
+    else:
+        host = f"root@127.0.0.1:{sshd.port}"
+        argv += ["--replica-host", host, "--primary-host", host, "--replica-root", str(replica_root)]
+        env = {**os.environ, **sshd.env()}
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, check=False)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, check=False, env=env)
         summary = json.loads((root / "summary.json").read_text())
         failed = [c for c in summary["checks"] if not c["ok"]]
         for c in failed:  # whole, on the captured output (the assertion's repr is cut short)
             print(f"FAILED CHECK {c['step']}: {c['detail']}")
         assert out.returncode == 0 and not failed, (failed, out.stdout[-4000:], out.stderr[-2000:])
         steps = {c["step"] for c in summary["checks"]}
-        for step in ("test-cleanup leaves nothing", "failover: write order across both VMs", "reverse ships only the changes"):
+        for step in (
+            "test-cleanup leaves nothing",
+            "failover: write order across both VMs",
+            "reverse ships only the changes",
+            "failback: originals run with every write",
+        ):
             assert step in steps
-        print(f"scenario: {len(steps)} checks passed in {summary['seconds']:.0f} s; RPO held {summary['rpo_within']}")
+        if mode == "two-hosts":  # the replica site worked in its own directory, through ssh
+            assert "[replica]$ virt-cgrep test-cleanup" in out.stdout
+            assert (replica_root / "replica" / "demo" / "points").is_dir()
+            assert not (root / "replica").exists()
+        print(f"scenario ({mode}): {len(steps)} checks passed in {summary['seconds']:.0f} s; RPO held {summary['rpo_within']}")
     finally:
-        subprocess.run([*argv[:3], "--clean", "--root", str(root)], capture_output=True, timeout=600, check=False)
+        subprocess.run([*base, "--clean", "--root", str(root)], capture_output=True, timeout=600, check=False)
+        shutil.rmtree(replica_root, ignore_errors=True)

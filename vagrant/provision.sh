@@ -12,24 +12,34 @@ cd "$src"
 make install
 ln -sf "$src/.venv/bin/virt-cgrep" /usr/local/bin/virt-cgrep
 
+# ssh both ways, root by key only, host keys pinned: points go primary -> replica; after a failover,
+# reverse protection and failback go replica -> primary.
+case "$role" in
+replica) self=replica other=primary other_ip=$primary_ip ;;
+primary) self=primary other=replica other_ip=$replica_ip ;;
+*)
+    echo "provision.sh: role must be primary or replica, not '$role'" >&2
+    exit 64
+    ;;
+esac
 install -d -m 0700 /root/.ssh
+install -m 0600 "$keys/${self}_host_ed25519" /etc/ssh/ssh_host_ed25519_key
+install -m 0644 "$keys/${self}_host_ed25519.pub" /etc/ssh/ssh_host_ed25519_key.pub
+install -m 0600 "$keys/client_ed25519" /root/.ssh/id_ed25519
+install -m 0644 "$keys/client_ed25519.pub" /root/.ssh/id_ed25519.pub
+grep -qxF "$(cat "$keys/client_ed25519.pub")" /root/.ssh/authorized_keys 2>/dev/null ||
+    cat "$keys/client_ed25519.pub" >> /root/.ssh/authorized_keys
+chmod 0600 /root/.ssh/authorized_keys
+echo "$other_ip $(cut -d' ' -f1,2 "$keys/${other}_host_ed25519.pub")" > /root/.ssh/known_hosts
+printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\n' > /etc/ssh/sshd_config.d/virt-cgrep-lab.conf
+systemctl restart ssh
+
 case "$role" in
 replica)
-    # Pinned host key (the primary's known_hosts names it); root login by key only.
-    install -m 0600 "$keys/replica_host_ed25519" /etc/ssh/ssh_host_ed25519_key
-    install -m 0644 "$keys/replica_host_ed25519.pub" /etc/ssh/ssh_host_ed25519_key.pub
-    grep -qxF "$(cat "$keys/client_ed25519.pub")" /root/.ssh/authorized_keys 2>/dev/null ||
-        cat "$keys/client_ed25519.pub" >> /root/.ssh/authorized_keys
-    chmod 0600 /root/.ssh/authorized_keys
-    printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\n' > /etc/ssh/sshd_config.d/virt-cgrep-lab.conf
-    systemctl restart ssh
     install -d -m 0700 "$replica_dir"
     ;;
 primary)
-    install -m 0600 "$keys/client_ed25519" /root/.ssh/id_ed25519
-    install -m 0644 "$keys/client_ed25519.pub" /root/.ssh/id_ed25519.pub
-    echo "$replica_ip $(cut -d' ' -f1,2 "$keys/replica_host_ed25519.pub")" > /root/.ssh/known_hosts
-    # The replica answers with the pinned key, in batch mode (fails loudly otherwise).
+    # The replica (provisioned first) answers with its pinned key, in batch mode (fails loudly otherwise).
     ssh -o BatchMode=yes -o StrictHostKeyChecking=yes "root@$replica_ip" true
 
     virt-cgrep hooks install
@@ -51,9 +61,5 @@ primary)
     done
     systemctl enable --now virt-cgrep-agent
     virt-cgrep status
-    ;;
-*)
-    echo "provision.sh: role must be primary or replica, not '$role'" >&2
-    exit 64
     ;;
 esac
