@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +80,13 @@ class Options:
 
 class _Broken(Exception):
     """The link was broken on purpose (a replica that did not answer in time)."""
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    a = b = 0
+    for x, y in pairs:
+        a, b = a + x, b + y
+    return a, b
 
 
 class Session:
@@ -240,19 +247,11 @@ class Session:
 
     def write_stats(self) -> tuple[int, int]:
         """(write operations, total ns) over the set's mirrored disks, asked now."""
-        ops = ns = 0
-        for m in self.mirrors:
-            o, n = m.write_stats()
-            ops, ns = ops + o, ns + n
-        return ops, ns
+        return _sum_pairs(m.write_stats() for m in self.mirrors)
 
     def progress(self) -> tuple[int, int]:
         """(bytes copied, bytes to copy) of the set's jobs, asked now."""
-        done = total = 0
-        for m in self.mirrors:
-            d, t = m.progress()
-            done, total = done + d, total + t
-        return done, total
+        return _sum_pairs(m.progress() for m in self.mirrors)
 
     def _syncing_tick(self) -> None:
         """While seeding: pings, and a ``progress`` event every PROGRESS_S."""
