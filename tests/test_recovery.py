@@ -264,6 +264,12 @@ def test_failover_reverse_failback_story(conn: libvirt.virConnect, lab_group: Gr
             cli("sync", *names, "--set", grp.name, "--target", str(home), "--fence", "suspend", "--deadline", "15000")
             relay.stop(grp.directory, grp.name)
             last = max(d for p in serial_logs(fo) if (d := labdom.read_console(p).done) is not None)
+            # killed between retiring the failover run and starting the originals: run again, it finishes
+            argv = [sys.executable, "-m", "libvirt_cgrep", "-c", URI, "failback", grp.name, "--target", str(target)]
+            env = {**os.environ, "CGREP_FAULT_FAILBACK": "after-retire"}
+            cut = subprocess.run([*argv, "--to", str(home)], env=env, capture_output=True, timeout=600, check=False)
+            assert cut.returncode == 99 and cli_json("recovery", str(target)) == [], cut.stderr
+            assert not any(lv.lookup(conn, n).isActive() for n in names)
             fb = cli_json("failback", grp.name, "--target", str(target), "--to", str(home))
             assert isinstance(fb, dict) and fb["originals"] == names
             assert all(lv.state(lv.lookup(conn, n)) == "running" for n in names)

@@ -22,6 +22,7 @@ metadata kept) on new overlays over ``TO``'s final point and started.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ import libvirt
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters.fs import save_file
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
 from libvirt_cgrep.core.extents import Extent, data_bytes
@@ -507,6 +509,22 @@ def _start_home(
     return str(r["point"]), str(r["run"]), tuple(str(n) for n in r["originals"])
 
 
+#: Test-only fault injection: ``after-retire`` kills ``failback`` between retiring the run and starting at home.
+FAULT_ENV = "CGREP_FAULT_FAILBACK"
+#: In the replica's ``SET/recovery/`` while a failback's home start is owed: the :class:`HomeStart` as JSON.
+PENDING = "failback-start.json"
+
+
+def _pending_path(root: Path, set_name: str) -> Path:
+    return fo.recovery_dir(root, set_name) / PENDING
+
+
+def _forget_pending(pending: Path) -> None:
+    pending.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        pending.parent.rmdir()  # only when empty
+
+
 def _point_on(to: Target, set_name: str, point_id: str) -> mf.Manifest:
     link = Link(to, readonly=True)
     try:
@@ -538,10 +556,13 @@ def failback(
         j = active_failover(root, name)
     except NotFoundError as missing:
         # Interrupted after the failover run was retired: finish starting the originals at home.
+        pending = _pending_path(root, name)
+        start = HomeStart(**json.loads(pending.read_bytes())) if pending.is_file() else None
         try:
-            point, run, names = _start_home(to, home, name, None, progress)
+            point, run, names = _start_home(to, home, name, start, progress)
         except NotFoundError:
             raise missing from None
+        _forget_pending(pending)
         return FailbackResult(point, 0, 0, names, run, time.monotonic() - t0)
     rev = j.extra.get("reverse")
     if not rev or parse_target(str(rev["to"])) != to:
@@ -573,10 +594,16 @@ def failback(
     progress(f"final point {final.point_id} committed on {to}")
     # 3. this target learns the final point locally: protection resumes with deltas.
     home_bytes = _seed_home(root, j, p=p, final=final, to_root=Path(to.path), home_run=home_run, conn=conn)
-    # 4. retire the failover run (its domains and overlays), then start the originals at home.
-    fo.cleanup_run(conn, root, j)
+    # 4. retire the failover run (its domains and overlays), then start the originals at home. What the start
+    # needs is saved first: a failback run again after an interruption in between finishes it from there.
     originals = {r.name: r.original for r in j.domains}
     xmls = {x.name: x.xml for x in p.domains}
     start = HomeStart(final.point_id, home_run, {n: xmls[o] for n, o in originals.items() if o in xmls}, originals)
+    pending = _pending_path(root, j.set_name)
+    save_file(pending, json.dumps(asdict(start)).encode(), 0o600)
+    fo.cleanup_run(conn, root, j)
+    if os.environ.get(FAULT_ENV) == "after-retire":
+        os._exit(99)
     _, _, names = _start_home(to, home, j.set_name, start, progress)
+    _forget_pending(pending)
     return FailbackResult(final.point_id, final_shipped, home_bytes, names, home_run, time.monotonic() - t0)
