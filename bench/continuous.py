@@ -3,10 +3,16 @@
 Run as ``.venv/bin/python bench/continuous.py [options] [--out FILE]`` (root,
 libvirtd running, the lab guest built); ``--help`` lists the options.
 
-Phases, each on the same VM: unprotected; continuous with a write-back
-export; continuous with a write-through export. Per phase: records/s and
-write latency over a steady window with no cut, then ``--cuts`` replica-side
+Phases, one after another on the same VM: unprotected; snapshot mode (a
+``virt-cgrep sync`` cycle to a local target every ``--interval``, as the agent
+runs them, after a seed); continuous with a write-back export; continuous with
+a write-through export. Per phase: records/s and write latency over a steady
+window of ``--seconds`` in which a point is taken every ``--interval`` (none
+when unprotected); for the continuous phases then ``--cuts`` replica-side
 cuts, each compared with the quiet second before it (extra max latency).
+Snapshot mode and a continuous session never run on the domain at the same
+time: each phase ends (its last cycle finished, its session closed) before
+the next starts.
 
 The workload reports, every 100 ms, the records acknowledged and their mean
 and max latency: p50 is the median of the windows' means, p99 the 99th
@@ -30,11 +36,12 @@ import contextlib
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,55 @@ def steady(log: Path, seconds: float) -> dict[str, float | None]:
         "p99_ms": percentile([a.lat_max_us / 1000.0 for a in acks if a.n], 99),
         "max_ms": max(a.lat_max_us for a in acks) / 1000.0,
     }
+
+
+def sync_json(name: str, target: str) -> dict[str, Any]:
+    """One snapshot-mode cycle, as the agent runs it: ``virt-cgrep sync NAME --target TARGET --json``."""
+    out = subprocess.run(
+        [sys.executable, "-m", "libvirt_cgrep", "-c", lv.default_uri(), "sync", name, "--target", target, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"sync to {target} failed ({out.returncode}): {out.stderr.strip()}")
+    res: dict[str, Any] = json.loads(out.stdout)
+    return res
+
+
+def steady_points(log: Path, seconds: float, interval: float, take: Callable[[], object]) -> dict[str, Any]:
+    """:func:`steady` while another thread calls ``take`` every ``interval`` s (start to start; back to back when one overruns).
+
+    The first point is taken at the window's start. A call still running when the window ends is waited for
+    (it is not in the window's figures), so nothing of this phase runs on the domain once this returns.
+    """
+    stop = threading.Event()
+    took: list[float] = []
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                take()
+            except BaseException as e:
+                errors.append(e)
+                return
+            took.append(time.monotonic() - t0)
+            stop.wait(max(0.0, t0 + interval - time.monotonic()))  # start to start; at once after an overrun
+
+    th = threading.Thread(target=loop, name="points", daemon=True)
+    th.start()
+    try:
+        res: dict[str, Any] = dict(steady(log, seconds))
+    finally:
+        stop.set()
+        th.join()
+    if errors:
+        raise RuntimeError(f"a point failed during the steady window: {errors[0]}") from errors[0]
+    res.update({"interval_s": interval, "points": len(took), "point_s_median": median(took), "point_s_all": took})
+    return res
 
 
 def cut_trials(logs: Sequence[Path], session: Session, cuts: int) -> dict[str, Any]:
@@ -164,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--disks", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=15.0, help="steady window per phase")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        default=5.0,
+        help="seconds between points in the steady window, for snapshot mode and continuous mode alike",
+    )
     ap.add_argument("--cuts", type=int, default=8)
     ap.add_argument(
         "--configs",
@@ -184,18 +246,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report_c, indent=1))
         return 0
-    report: dict[str, Any] = {"disks": args.disks, "load_before": os.getloadavg()}
+    report: dict[str, Any] = {"disks": args.disks, "interval_s": args.interval, "load_before": os.getloadavg()}
     with lab_domain(conn, args.disks, tag="bcont", size=32 << 20) as vm:
         log = vm.directory / "console.log"
         phases: dict[str, Any] = {"unprotected": steady(log, args.seconds)}
+        with tempfile.TemporaryDirectory(prefix="bcont-") as d:
+            target = str(Path(d) / "replica")
+            seed = sync_json(vm.name, target)  # the agent's first cycle: a full copy, before the window
+            wait_progress(log, records=10)
+            cycles: list[dict[str, Any]] = []
+            res_s = steady_points(log, args.seconds, args.interval, lambda: cycles.append(sync_json(vm.name, target)))
+            res_s.update(
+                {
+                    "seed_s": seed.get("total_s"),
+                    "cycle_total_s_all": [c.get("total_s") for c in cycles],
+                    "changed_bytes_all": [c.get("changed_bytes") for c in cycles],
+                }
+            )
+            phases["snapshot mode"] = res_s
         for label, wt in (("continuous write-back", False), ("continuous write-through", True)):
             with tempfile.TemporaryDirectory(prefix="bcont-") as d:
-                target = parse_target(str(Path(d) / "replica"))
-                opts = Options(writethrough=wt)
-                s = Session(conn, lv.default_uri(), [vm.name], target, set_name=None, opts=opts, emit=lambda e: None)
+                target_c = parse_target(str(Path(d) / "replica"))
+                opts = Options(interval=args.interval, writethrough=wt)
+                s = Session(conn, lv.default_uri(), [vm.name], target_c, set_name=None, opts=opts, emit=lambda e: None)
                 try:
                     s.start()
-                    res: dict[str, Any] = dict(steady(log, args.seconds))
+                    wait_progress(log, records=10)
+                    res: dict[str, Any] = steady_points(log, args.seconds, args.interval, s.point)
                     res.update(cut_trials([log], s, args.cuts))
                 finally:
                     s.close()
@@ -203,14 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["phases"] = phases
     report["load_after"] = os.getloadavg()
     base = report["phases"]["unprotected"]
+    for r in report["phases"].values():
+        r["records_s_x"] = ratio(r["records_s"], base["records_s"])
+        r["p50_ms_x"] = ratio(r["p50_ms"], base["p50_ms"])
+        r["p99_ms_x"] = ratio(r["p99_ms"], base["p99_ms"])
+        r["max_ms_x"] = ratio(r["max_ms"], base["max_ms"])
     load = f"load {report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}"
-    print(f"continuous mode, 1 VM x {args.disks} disks, loopback, TCG; {load}")
-    head = f"{'rec/s':>8} {'x':>6} {'p50 ms':>7} {'p99 ms':>7} {'x':>6} {'max ms':>7}"
-    print(f"{'phase':28} {head} {'cut extra max ms':>17} {'replica cut ms':>15}")
+    print(f"1 VM x {args.disks} disks, loopback, TCG; a point every {args.interval:g} s in a {args.seconds:g} s window; {load}")
+    head = f"{'rec/s':>8} {'x':>5} {'p50 ms':>7} {'x':>5} {'p99 ms':>7} {'x':>5} {'max ms':>7} {'x':>5}"
+    print(f"{'phase':25} {head} {'points':>6} {'point s':>7} {'cut extra max ms':>17} {'replica cut ms':>15}")
     for name, r in report["phases"].items():
         print(
-            f"{name:28} {fmt(r['records_s']):>8} {fmt(ratio(r['records_s'], base['records_s']), 2):>6} {fmt(r['p50_ms'], 2):>7} "
-            f"{fmt(r['p99_ms'], 2):>7} {fmt(ratio(r['p99_ms'], base['p99_ms']), 2):>6} {fmt(r['max_ms'], 1):>7} "
+            f"{name:25} {fmt(r['records_s']):>8} {fmt(r['records_s_x'], 2):>5} {fmt(r['p50_ms'], 2):>7} "
+            f"{fmt(r['p50_ms_x'], 2):>5} {fmt(r['p99_ms'], 2):>7} {fmt(r['p99_ms_x'], 2):>5} {fmt(r['max_ms'], 1):>7} "
+            f"{fmt(r['max_ms_x'], 2):>5} {r.get('points', '-')!s:>6} {fmt(r.get('point_s_median'), 2):>7} "
             f"{fmt(r.get('extra_max_ms_median'), 1):>17} {fmt(r.get('replica_cut_ms_median'), 1):>15}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
