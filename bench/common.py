@@ -8,6 +8,7 @@ configuration) lives in its own mount namespace and is stopped by its pid.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import math
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def unique_name(tag: str) -> str:
 
 
 # --------------------------------------------------------------------------- statistics
+
+
+def configs_type(max_vms: int, max_disks: int = 8) -> Callable[[str], list[tuple[int, int]]]:
+    """An argparse type: ``VMSxDISKS,...`` (e.g. ``2x4,3x2``; empty for none) as (vms, disks) pairs; its error otherwise."""
+
+    def parse(text: str) -> list[tuple[int, int]]:
+        out = []
+        for cfg in [c for c in text.split(",") if c]:
+            vms, _, disks = cfg.partition("x")
+            if not (vms.isdigit() and disks.isdigit() and 1 <= int(vms) <= max_vms and 1 <= int(disks) <= max_disks):
+                raise argparse.ArgumentTypeError(
+                    f"{cfg!r} is not VMSxDISKS with 1-{max_vms} VMs and 1-{max_disks} disks (e.g. 2x4)"
+                )
+            out.append((int(vms), int(disks)))
+        return out
+
+    return parse
 
 
 def median(xs: Sequence[float]) -> float | None:

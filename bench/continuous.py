@@ -48,7 +48,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import acks_between, fmt, lab_domain, log_offset, median, percentile, ratio, wait_progress
+from bench.common import acks_between, configs_type, fmt, lab_domain, log_offset, median, percentile, ratio, wait_progress
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.continuous.mirror import start_event_loop
 from libvirt_cgrep.continuous.session import Options, Session
@@ -155,15 +155,7 @@ def cut_trials(logs: Sequence[Path], session: Session, cuts: int) -> dict[str, A
     }
 
 
-def configs(text: str) -> list[tuple[int, int]]:
-    """``VMSxDISKS,...`` (e.g. ``1x2,2x4``) as (vms, disks) pairs; argparse's error otherwise."""
-    out = []
-    for cfg in [c for c in text.split(",") if c]:
-        vms, _, disks = cfg.partition("x")
-        if not (vms.isdigit() and disks.isdigit() and 1 <= int(vms) <= 4 and 1 <= int(disks) <= 8):
-            raise argparse.ArgumentTypeError(f"{cfg!r} is not VMSxDISKS with 1-4 VMs and 1-8 disks (e.g. 2x4)")
-        out.append((int(vms), int(disks)))
-    return out
+configs = configs_type(max_vms=4)
 
 
 def _keep_sync_s(out: list[float], ev: dict[str, Any]) -> None:

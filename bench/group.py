@@ -51,6 +51,7 @@ from bench.common import (
     URI,
     Window,
     boot_copies,
+    configs_type,
     fmt,
     guest_artifacts,
     lab_domain,
@@ -331,15 +332,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def configs(text: str) -> list[tuple[int, int]]:
-    """``VMSxDISKS,...`` (e.g. ``2x4,3x2``; empty for none) as (vms, disks) pairs; argparse's error otherwise."""
-    out = []
-    for cfg in [c for c in text.split(",") if c]:
-        vms, _, disks = cfg.partition("x")
-        if not (vms.isdigit() and disks.isdigit() and 1 <= int(vms) <= 8 and 1 <= int(disks) <= 8):
-            raise argparse.ArgumentTypeError(f"{cfg!r} is not VMSxDISKS with 1-8 of each (e.g. 2x4)")
-        out.append((int(vms), int(disks)))
-    return out
+configs = configs_type(max_vms=8)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
