@@ -27,12 +27,13 @@ def test_scenario_checks_pass(mode: str, sshd: Sshd) -> None:
     base = [sys.executable, "-m", "libvirt_cgrep.lab.scenario"]
     argv = [*base, "--rpo", "30s", "--points", "2", "--root", str(root)]
     env = None
-    if mode == "local":
-        argv.append("--local")
-    else:
+    sites = ["--local"]
+    if mode == "two-hosts":
         host = f"root@127.0.0.1:{sshd.port}"
-        argv += ["--replica-host", host, "--primary-host", host, "--replica-root", str(replica_root)]
+        sites = ["--replica-host", host, "--primary-host", host, "--replica-root", str(replica_root)]
         env = {**os.environ, **sshd.env()}
+    argv += sites
+    clean = [*base, "--clean", "--root", str(root), *sites]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, check=False, env=env)
         summary = json.loads((root / "summary.json").read_text())
@@ -52,7 +53,9 @@ def test_scenario_checks_pass(mode: str, sshd: Sshd) -> None:
             assert "[replica]$ virt-cgrep test-cleanup" in out.stdout
             assert (replica_root / "replica" / "demo" / "points").is_dir()
             assert not (root / "replica").exists()
+            subprocess.run(clean, capture_output=True, timeout=600, check=True, env=env)
+            assert not replica_root.exists() and not root.exists()
         print(f"scenario ({mode}): {len(steps)} checks passed in {summary['seconds']:.0f} s; RPO held {summary['rpo_within']}")
     finally:
-        subprocess.run([*base, "--clean", "--root", str(root)], capture_output=True, timeout=600, check=False)
+        subprocess.run(clean, capture_output=True, timeout=600, check=False, env=env)
         shutil.rmtree(replica_root, ignore_errors=True)

@@ -153,9 +153,10 @@ def _teardown(uri: str, root: str) -> None:
     teardown(Path(root), uri)
 
 
-def _clean(uri: str, root: str) -> None:
+def _clean(uri: str, root: str, fresh: bool = True) -> None:
     clean(Path(root), uri)
-    Path(root).mkdir(parents=True, mode=0o755)  # QEMU's user searches it to reach the recovered disks
+    if fresh:
+        Path(root).mkdir(parents=True, mode=0o755)  # QEMU's user searches it to reach the recovered disks
 
 
 CALLS: dict[str, Callable[..., Any]] = {
@@ -608,10 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(answer), flush=True)
         return 0
     ap = argparse.ArgumentParser(prog="scenario", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    mode = ap.add_mutually_exclusive_group(required=True)
+    mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="one host: the replica site is this host over a loopback sshd")
     mode.add_argument("--replica-host", metavar="[USER@]HOST[:PORT]", help="two hosts: the replica site (needs --primary-host)")
-    mode.add_argument("--clean", action="store_true", help="remove what a --local walk left and exit")
+    ap.add_argument("--clean", action="store_true", help="remove what a walk left (with --replica-host: there too) and exit")
     ap.add_argument("--primary-host", metavar="[USER@]HOST[:PORT]", help="how the replica site reaches this host (two hosts)")
     ap.add_argument(
         "--replica-root",
@@ -624,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--points", type=int, default=3, help="points to let accumulate under the agent (default 3)")
     ap.add_argument("--root", type=Path, default=None, help="working directory (default: under the lab root)")
     args = ap.parse_args(argv)
+    if not (args.local or args.replica_host or args.clean):
+        ap.error("one of --local, --replica-host or --clean is required")
     if args.replica_host and not args.primary_host:
         ap.error("--replica-host needs --primary-host (how the replica site reaches this one)")
     try:
@@ -635,6 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clean:
         clean(root, args.connect)
         print(f"scenario: removed the {GROUP} group, its recovery domains and {root}")
+        if args.replica_host:
+            replica = _site("replica", args.connect, _host(args.replica_host), remote=True, env=_forwarded())
+            replica.call("clean", uri=args.connect, root=str(args.replica_root), fresh=False)
+            print(f"scenario: removed the recovery domains and {args.replica_root} on {args.replica_host}")
         return 0
     clean(root, args.connect)
     root.mkdir(parents=True, mode=0o755)
