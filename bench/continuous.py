@@ -85,7 +85,9 @@ def sync_json(name: str, target: str) -> dict[str, Any]:
     return res
 
 
-def steady_points(log: Path, seconds: float, interval: float, take: Callable[[], object]) -> dict[str, Any]:
+def steady_points(
+    log: Path, seconds: float, interval: float, take: Callable[[], object], idle: Callable[[], object] = lambda: None
+) -> dict[str, Any]:
     """:func:`steady` while another thread calls ``take`` every ``interval`` s (start to start; back to back when one overruns).
 
     The first point is taken at the window's start. A call still running when the window ends is waited for
@@ -100,11 +102,14 @@ def steady_points(log: Path, seconds: float, interval: float, take: Callable[[],
             t0 = time.monotonic()
             try:
                 take()
+                took.append(time.monotonic() - t0)
+                while not stop.wait(min(0.5, max(0.0, t0 + interval - time.monotonic()))):  # start to start
+                    if time.monotonic() >= t0 + interval:
+                        break  # at once after an overrun
+                    idle()  # a continuous session's keepalive (the replica ends an idle session)
             except BaseException as e:
                 errors.append(e)
                 return
-            took.append(time.monotonic() - t0)
-            stop.wait(max(0.0, t0 + interval - time.monotonic()))  # start to start; at once after an overrun
 
     th = threading.Thread(target=loop, name="points", daemon=True)
     th.start()
@@ -264,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     s.start()
                     wait_progress(log, records=10)
-                    res: dict[str, Any] = steady_points(log, args.seconds, args.interval, s.point)
+                    res: dict[str, Any] = steady_points(log, args.seconds, args.interval, s.point, s.keepalive)
                     res.update(cut_trials([log], s, args.cuts))
                 finally:
                     s.close()

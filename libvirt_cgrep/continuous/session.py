@@ -269,6 +269,13 @@ class Session:
             self._last_ping = now
             self._request({"op": "ping", "timeout": self.opts.replica_timeout})
 
+    def keepalive(self) -> None:
+        """Ping the replica (at most every PING_S): a caller driving :meth:`point` itself calls this meanwhile.
+
+        The run loop does it; the replica ends a session idle for ``live.IDLE_S`` seconds.
+        """
+        self._ping()
+
     def point(self) -> dict[str, Any]:
         """One point: cut on the replica, prove the mirrors stayed in sync across it, commit."""
         states, failures = self._states()
