@@ -47,7 +47,7 @@ verbs:
   test-failover GROUP --target T     the same as NAME-test on an isolated network, beside live replication
   test-cleanup GROUP --target T      remove exactly what test failovers created
   reverse GROUP --target T --to T2   protect failed-over domains back, seeded from the old primary's images
-  failback GROUP --target T --to P   planned return: final point, originals back, protection resumes
+  failback GROUP --target T --to T2  planned return: final point, originals back, protection resumes
   recovery T              list the recovery runs journaled on a target
   lab build               build the lab guest (kernel, busybox initramfs, workload)
   lab up NAME             define and start a lab domain with N data disks
