@@ -22,6 +22,7 @@ import pytest
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.agent.continuous import read_sidecar
+from libvirt_cgrep.core import continuous as cc
 from libvirt_cgrep.engine.libvirt_backend import disks_of
 from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab.build import GuestArtifacts
@@ -385,7 +386,9 @@ def test_hundred_points_two_vm_group(lab_group: GroupFactory, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_agent_restarts_mirrors_after_domain_restart(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
-    """A protected domain destroyed and started again: degraded alert, then continuous mode back by itself."""
+    """A protected domain stopped in sync, then started again: a final point, mirror ``stopped`` and no alert; back
+    in sync by itself without a full recopy. Destroyed while writing: either the same, or (the replica differs)
+    a degraded alert and a full resync; continuous mode is back either way."""
     from tests.test_agent import alerts, stop_agent
 
     vm = lab_vm(disks=2, tag="contrst")
@@ -411,15 +414,29 @@ def test_agent_restarts_mirrors_after_domain_restart(conn: libvirt.virConnect, l
             assert time.monotonic() < end, (d / "agent.log").read_text()[-2000:]
             time.sleep(0.5)
         dom = lv.lookup(conn, vm.name)
-        dom.destroy()
-        while not any(a["kind"] == "continuous-degraded" for a in alerts(d)):
-            assert time.monotonic() < end + 30, alerts(d)
-            time.sleep(0.1)
+        _stop_clean(conn, vm.name)
+        wait_for("mirror stopped", lambda: sidecar(d).get("mirror") == "stopped", 60)
+        final = sidecar(d)["last_point"]
+        assert not any(a["kind"] == "continuous-degraded" for a in alerts(d)), alerts(d)
         dom.create()
-        end = time.monotonic() + 180
-        while not any(a["kind"] == "continuous-restored" for a in alerts(d)):
-            assert time.monotonic() < end, (alerts(d), (d / "agent.log").read_text()[-2000:])
-            time.sleep(0.5)
+        wait_for("a point after the restart", lambda: sidecar(d).get("last_point") not in (None, final), 120)
+        assert sidecar(d)["mirror"] == "in-sync" and sidecar(d)["resumed_from"] == final, sidecar(d)
+        assert not any(a["kind"] == "continuous-degraded" for a in alerts(d)), alerts(d)
+        # destroyed while the guest writes: a final point if both sides still match, else degraded and a full resync
+        last = sidecar(d)["last_point"]
+        dom.destroy()
+        wait_for("mirror stopped or degraded", lambda: sidecar(d).get("mirror") in ("stopped", "degraded"), 60)
+        dirty = sidecar(d)["mirror"]
+        dom.create()
+        wait_for("a point after the second restart", lambda: sidecar(d).get("last_point") not in (None, last), 180)
+        if dirty == "degraded":
+            wait_for("continuous-restored", lambda: any(a["kind"] == "continuous-restored" for a in alerts(d)), 180)
+        else:
+            assert sidecar(d)["resumed_from"] is not None, sidecar(d)
+        print(
+            f"agent: a clean stop resumed without an alert; a destroy while writing ended {dirty}; "
+            f"copied {sidecar(d)['copied_bytes']} B at the second restart"
+        )
     finally:
         assert stop_agent(agent) == 0
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -545,3 +562,131 @@ def test_resync_reports_progress_and_refuses_points(
     res = verify(str(target))
     assert [r["point_id"] for r in res] == [pid] and res[0]["ok"] and res[0]["write_order"]["consistent"], res
     assert no_jobs(conn, vm.name)
+
+
+def sidecar(d: Path) -> dict[str, Any]:
+    """The agent's continuous.json row of its only group ({} before it is written)."""
+    rows = list(read_sidecar(d).values())
+    return rows[0] if rows else {}
+
+
+def _stop_clean(conn: libvirt.virConnect, name: str) -> None:
+    """Stop the domain with no write in flight: paused first (QEMU drains every request), then destroyed."""
+    dom = lv.lookup(conn, name)
+    dom.suspend()
+    time.sleep(0.3)
+    dom.destroy()
+
+
+def _tops(conn: libvirt.virConnect, name: str) -> list[str]:
+    return [d.image for d in disks_of(lv.persistent_xml(lv.lookup(conn, name)))]
+
+
+def test_restart_without_recopy(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
+    """A domain stopped in sync restarts without a full recopy, twice (the first overlay folded at the second start);
+    a touched base image, or a replica that differs at the stop, means a full copy; every point stays consistent."""
+    vm = lab_vm(disks=2, tag="contrs")
+    target = str(tmp_path / "replica")
+    base_tops = _tops(conn, vm.name)
+
+    def session(env: dict[str, str] | None = None, *extra: str) -> tuple[Runner, dict[str, Any]]:
+        r = Runner(vm.name, "--target", target, "--interval", "1s", *extra, env=env)
+        synced = r.wait_for("in-sync", timeout=180)
+        r.wait_for("point", 2)
+        return r, synced
+
+    # 1: a full copy, then a clean stop: a final point whose digests match, an overlay on each disk
+    r, first = session()
+    assert first["resume"] is None and first["copied_bytes"] >= 2 * (64 << 20) * 0.9, first
+    _stop_clean(conn, vm.name)
+    assert r.proc.wait(timeout=120) == 0, r.proc.stderr.read() if r.proc.stderr else ""
+    final1 = r.wait_for("stopped")
+    r.stop()
+    assert final1["resumable"], final1
+    assert [e for e in r.events if e["event"] == "point"][-1]["final"]
+    tops = _tops(conn, vm.name)
+    assert tops == [cc.overlay_path(t, final1["point_id"]) for t in base_tops]
+    for top, pt in zip(tops, json.loads(cli("points", target, "--json").stdout)[-1]["disks"], strict=True):
+        # the final point holds exactly the disk's content (the new overlay is empty)
+        subprocess.run(["qemu-img", "compare", "-U", top, pt["image"]], check=True, capture_output=True)
+
+    # 2: restart: only what the guest wrote since it booted is copied
+    lv.lookup(conn, vm.name).create()
+    wait_progress(vm.directory / "console.log", records=20, timeout=90)  # the new top holds the guest's writes
+    r, second = session()
+    assert second["resume"] == final1["point_id"], (second, r.events[:3])
+    assert 2 < second["copied_bytes"] < first["copied_bytes"] / 4, (first, second)
+    _stop_clean(conn, vm.name)
+    assert r.proc.wait(timeout=120) == 0
+    final2 = r.wait_for("stopped")
+    r.stop()
+    assert final2["resumable"]
+
+    # 3: restart again: the first overlay is folded (the chain stays at depth 2), again no full copy; --keep 3
+    # merges every older point, the final one and the first session's full base included, in the daemon
+    before = len(json.loads(cli("points", target, "--json").stdout))
+    lv.lookup(conn, vm.name).create()
+    r, third = session(None, "--keep", "3")
+    syncing = r.wait_for("syncing")
+    assert third["resume"] == final2["point_id"] and syncing["folded"] == tops, syncing
+    r.wait_for("point", 3)
+    pruned = [p for e in r.events if e["event"] == "point" for p in e["pruned"]]
+    assert before >= 6 and final2["point_id"] in pruned and len(pruned) == before, (before, pruned)
+    assert len(disks_of(lv.live_xml(lv.lookup(conn, vm.name)))[0].chain) == 2
+    assert not Path(tops[0]).exists()
+    _stop_clean(conn, vm.name)
+    assert r.proc.wait(timeout=120) == 0
+    r.stop()
+
+    # 4: the base touched while the domain is off: the next start copies in full
+    top = _tops(conn, vm.name)[0]
+    info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", top], capture_output=True, check=True)
+    below = json.loads(info.stdout)[1]["filename"]
+    os.utime(below)
+    lv.lookup(conn, vm.name).create()
+    r, fourth = session(env={"CGREP_FAULT_FINAL_DIGEST": "1"})
+    assert fourth["resume"] is None and "changed since the final point" in r.wait_for("syncing")["full_copy_reason"]
+    assert fourth["copied_bytes"] >= first["copied_bytes"] * 0.9
+    # 5: a replica that differs at the stop: nothing committed, no overlay, degraded (exit 66)
+    tops4 = _tops(conn, vm.name)
+    _stop_clean(conn, vm.name)
+    assert r.proc.wait(timeout=120) == 66
+    degraded = r.wait_for("degraded")
+    r.stop()
+    assert "differ from its disks" in degraded["reason"], degraded
+    assert not any(e["event"] == "stopped" for e in r.events)
+    assert _tops(conn, vm.name) == tops4
+    res = verify(target)
+    assert len(res) >= 5 and all(x["ok"] and x["write_order"]["consistent"] for x in res), res
+    assert not list(Path(target).glob("*/disks/*/*/.staging-*")) and not list(Path(target).glob("*/prune-*"))
+    print(
+        f"restart without recopy: full copy {first['copied_bytes']} B; restarts copied {second['copied_bytes']} B and "
+        f"{third['copied_bytes']} B; in sync after {second['sync_s']} s / {third['sync_s']} s (full: {first['sync_s']} s)"
+    )
+
+
+@pytest.mark.slow
+def test_group_restart_without_recopy(conn: libvirt.virConnect, lab_group: GroupFactory, tmp_path: Path) -> None:
+    """A 2-VM group stopped one VM after the other: one final point for the group; restarted, no full recopy."""
+    grp = lab_group(vms=2, disks=2, tag="contgrs")
+    names = [m.name for m in grp.members]
+    target = str(tmp_path / "replica")
+    r = Runner(*names, "--set", grp.name, "--target", target, "--interval", "1s")
+    first = r.wait_for("in-sync", timeout=180)
+    r.wait_for("point", 2)
+    for n in names:
+        _stop_clean(conn, n)
+        time.sleep(2)  # the first VM is down while the second still writes (mirrored)
+    assert r.proc.wait(timeout=120) == 0
+    stopped = r.wait_for("stopped")
+    r.stop()
+    assert stopped["resumable"], stopped
+    for n in names:
+        lv.lookup(conn, n).create()
+    r = Runner(*names, "--set", grp.name, "--target", target, "--interval", "1s", "--count", "3")
+    again = r.wait_for("in-sync", timeout=180)
+    assert again["resume"] == stopped["point_id"] and again["copied_bytes"] < first["copied_bytes"] / 2, (first, again)
+    assert r.proc.wait(timeout=120) == 0
+    r.stop()
+    res = verify(target)
+    assert len(res) >= 6 and all(x["ok"] and x["write_order"]["consistent"] for x in res), res

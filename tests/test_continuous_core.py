@@ -128,3 +128,70 @@ def test_mean_write_ms() -> None:
     assert cc.mean_write_ms((10, 1_000_000), (20, 21_000_000)) == 2.0
     assert cc.mean_write_ms((10, 5), (10, 5)) is None
     assert cc.mean_write_ms((10, 5_000_000), (3, 1_000)) is None
+
+
+# ---------------------------------------------------------------- restart without a recopy
+def _ids(*paths: str) -> dict[str, cc.FileId]:
+    return {p: cc.FileId(p, 1 << 20, 8, 100 + i, 1_700_000_000_000_000_000 + i) for i, p in enumerate(paths)}
+
+
+def test_overlay_names_are_ours_and_do_not_grow() -> None:
+    o1 = cc.overlay_path("/v/db-vda.qcow2", PID)
+    assert o1 == f"/v/db-vda.cgrep-{PID}.qcow2" and cc.is_overlay(o1)
+    later = "20261126T101500.000001Z"
+    assert cc.overlay_path(o1, later) == f"/v/db-vda.cgrep-{later}.qcow2"
+    assert not cc.is_overlay("/v/db-vda.qcow2") and not cc.is_overlay("/v/x.cgrep-notapoint.qcow2")
+    assert cc.fold_plan([o1, "/v/db-vda.qcow2"]) is None  # the overlay is the active image: nothing to fold
+    o2 = cc.overlay_path(o1, later)
+    assert cc.fold_plan([o2, o1, "/v/db-vda.qcow2", "/t/template.qcow2"]) == ("/v/db-vda.qcow2", o1)
+    assert cc.fold_plan([o2, "/v/db-vda.qcow2", "/t/template.qcow2"]) is None  # never the operator's own layers
+
+
+def test_check_resume_needs_the_same_chain_with_unchanged_images() -> None:
+    ids = _ids("/v/a.qcow2", "/v/b.qcow2")
+    top_a, top_b = cc.overlay_path("/v/a.qcow2", PID), cc.overlay_path("/v/b.qcow2", PID)
+    rec = (
+        cc.ResumeDisk("db", "vda", top_a, (ids["/v/a.qcow2"],), "d1"),
+        cc.ResumeDisk("db", "vdb", top_b, (ids["/v/b.qcow2"],), "d2"),
+    )
+    assert cc.resume_from_dict(cc.resume_to_dict(rec)) == rec
+    chains = {("db", "vda"): (top_a, "/v/a.qcow2"), ("db", "vdb"): (top_b, "/v/b.qcow2")}
+    assert cc.check_resume(rec, chains, ids) is None
+    assert "not the final point" in str(cc.check_resume(None, chains, ids))
+    touched = {**ids, "/v/a.qcow2": cc.FileId("/v/a.qcow2", 1 << 20, 8, 100, 1)}
+    assert "changed since the final point" in str(cc.check_resume(rec, chains, touched))
+    gone = {"/v/b.qcow2": ids["/v/b.qcow2"]}
+    assert "changed since" in str(cc.check_resume(rec, chains, gone))
+    other_top = {**chains, ("db", "vda"): ("/v/a-snap.qcow2", "/v/a.qcow2")}
+    assert "not the overlay" in str(cc.check_resume(rec, other_top, ids))
+    deeper = {**chains, ("db", "vda"): (top_a, "/v/a.qcow2", "/t/template.qcow2")}
+    assert "images below" in str(cc.check_resume(rec, deeper, {**ids, **_ids("/t/template.qcow2")}))
+    assert "disks differ" in str(cc.check_resume(rec, {("db", "vda"): chains[("db", "vda")]}, ids))
+    assert cc.resume_from_dict({"version": 99, "disks": []}) is None
+    assert cc.resume_from_dict({"version": cc.RESUME_VERSION, "disks": [{"domain": "db"}]}) is None
+
+
+def test_resumed_first_live_images_are_overlays_of_the_final_point() -> None:
+    live = cc.first_live([("db", "vda", 1 << 20)], 1, over=PID)
+    assert live[0].backing == f"{PID}.qcow2" and live[0].image == "disks/db/vda/.staging-live1.qcow2"
+
+
+def test_agent_clean_stop_is_no_fault(tmp_path: Path) -> None:
+    """A child's ``stopped`` event (a final point committed) and its exit 0: mirror ``stopped``, no alert."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from libvirt_cgrep.agent.continuous import Continuous, _Group, read_sidecar
+
+    alerts: list[object] = []
+    agent = SimpleNamespace(stopping=False, db=SimpleNamespace(add_alert=lambda *a: alerts.append(a)))
+    c = Continuous(cast(Any, agent), tmp_path / "continuous.json")
+    g = c.groups["g1"] = _Group(mirror="in-sync")
+    rt = cast(Any, SimpleNamespace(spec=SimpleNamespace(name="g1"), state="ok"))
+    c._event(rt, g, {"event": "stopped", "point_id": PID, "resumable": True, "reason": None}, cast(Any, None))
+    c._event(rt, g, {"event": "exit", "code": 0, "stderr": [""]}, cast(Any, None))
+    c._write()
+    assert g.mirror == "stopped" and not g.degraded and not alerts
+    assert read_sidecar(tmp_path)["g1"]["mirror"] == "stopped"
+    c._event(rt, g, {"event": "in-sync", "resume": PID, "copied_bytes": 4096}, cast(Any, None))
+    assert g.mirror == "in-sync" and g.resumed_from == PID and g.copied_bytes == 4096 and not alerts

@@ -98,11 +98,16 @@ class StorageDaemon:
                 os.chown(self.nbd_path, *owner)
             os.chmod(self.nbd_path, 0o660)
 
-    def add_image(self, node: str, path: str, *, backing_null: bool = False) -> None:
-        """``blockdev-add`` of a qcow2 image (file node ``<node>-f``); with its backing chain unless ``backing_null``."""
+    def add_image(self, node: str, path: str, *, backing_null: bool = False, backing: str | None = None) -> None:
+        """``blockdev-add`` of a qcow2 image (file node ``<node>-f``).
+
+        Its backing is the node ``backing`` if named, none if ``backing_null``, else the chain its header names.
+        """
         self.x("blockdev-add", {"driver": "file", "node-name": f"{node}-f", "filename": path})
         args: dict[str, object] = {"driver": "qcow2", "node-name": node, "file": f"{node}-f"}
-        if backing_null:
+        if backing is not None:
+            args["backing"] = backing
+        elif backing_null:
             args["backing"] = None
         try:
             self.x("blockdev-add", args)
@@ -110,6 +115,14 @@ class StorageDaemon:
             with contextlib.suppress(QMPError):
                 self.x("blockdev-del", {"node-name": f"{node}-f"})
             raise
+
+    def flush_image(self, node: str, backing: str | None) -> None:
+        """Write out a node's cached qcow2 metadata now (``blockdev-reopen`` with its own options flushes it).
+
+        ``backing`` must name the node's current backing node (None: it has none), or the reopen would change it.
+        After a ``block-commit`` into a node, its file is complete only after this (or the daemon's exit).
+        """
+        self.x("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": node, "file": f"{node}-f", "backing": backing}]})
 
     def del_image(self, node: str) -> None:
         """Best effort ``blockdev-del`` of an image's format and file nodes."""

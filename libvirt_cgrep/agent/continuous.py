@@ -5,7 +5,12 @@ Guarantees:
 - snapshot mode and continuous mode never run on one group at once: the
   child starts only when no snapshot cycle runs, and no snapshot cycle
   starts while the child runs (:meth:`Continuous.owns`);
-- a child that ends (replica killed or hung, link cut, domain stopped) raises
+- a child that ends after its domains stopped in sync (a ``stopped`` event:
+  its final point committed) raises nothing: the mirror state is
+  ``stopped`` and continuous mode starts again, without a full recopy when
+  the disks allow it, as soon as the domains run again;
+- a child that ends otherwise (replica killed or hung, link cut, a domain
+  stopped out of sync) raises
   a ``continuous-degraded`` alert as soon as its ``degraded`` event (or its
   exit) is read, which wakes the scheduler at once; the group then falls
   back to snapshot-mode cycles to the same target, and continuous mode is
@@ -72,6 +77,9 @@ class _Group:
     resync_done: int | None = None
     resync_total: int | None = None
     write_ms: float | None = None
+    #: the last sync: the final point it restarted from (None: a full copy) and the bytes it copied
+    resumed_from: str | None = None
+    copied_bytes: int | None = None
 
 
 class Continuous:
@@ -149,7 +157,8 @@ class Continuous:
                 self._event(rt, g, ev, now)
             if done:
                 g.child = None
-                g.retry_at = time.monotonic() + self.retry_s
+                # after a clean stop (a final point), mirroring starts again as soon as the domain runs
+                g.retry_at = 0.0 if g.mirror == "stopped" else time.monotonic() + self.retry_s
         running = all(s == "running" for s in spec.member_states)
         if g.child is None and running and rt.future is None and not self.agent.stopping and time.monotonic() >= g.retry_at:
             g.child = self._spawn(rt)
@@ -168,6 +177,8 @@ class Continuous:
         elif kind == "in-sync":
             g.mirror = "in-sync"
             g.resync_done = g.resync_total = None
+            g.resumed_from = ev.get("resume")
+            g.copied_bytes = ev.get("copied_bytes")
             if g.degraded:
                 g.degraded = False
                 self._alert(rt, "continuous-restored", "mirrors in sync again (after a full resync)", now)
@@ -192,6 +203,11 @@ class Continuous:
                 hold_ms=0.0,
                 error=None,
             )
+        elif kind == "stopped":
+            g.mirror = "stopped"  # the domains stopped in sync: a final point, no fault
+            g.reason = None if ev.get("resumable") else str(ev.get("reason"))
+        elif kind == "exit" and g.mirror == "stopped" and ev.get("code") == 0:
+            pass
         elif kind == "exit" and self.agent.stopping and g.mirror != "degraded":
             g.mirror = "off"  # ended by the agent's own stop: not a fault, no alert
         elif kind in ("degraded", "exit") and g.mirror != "degraded":
@@ -230,6 +246,8 @@ class Continuous:
                 "resync_done": g.resync_done,
                 "resync_total": g.resync_total,
                 "write_ms": g.write_ms,
+                "resumed_from": g.resumed_from,
+                "copied_bytes": g.copied_bytes,
             }
             for name, g in self.groups.items()
         }
@@ -269,7 +287,7 @@ class Continuous:
                 for name, g in agent.groups.items():
                     if g.write_ms is not None and g.mirror == "in-sync":
                         lat.add_metric([name], g.write_ms / 1000.0)
-                    for s in ("syncing", "in-sync", "degraded"):
+                    for s in ("syncing", "in-sync", "degraded", "stopped"):
                         st.add_metric([name, s], 1.0 if g.mirror == s else 0.0)
                     if g.last_point_time is not None:
                         age.add_metric([name], now - g.last_point_time)

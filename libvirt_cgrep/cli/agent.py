@@ -329,6 +329,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "resync_done": c.get("resync_done"),
                 "resync_total": c.get("resync_total"),
                 "write_ms": c.get("write_ms"),
+                "resumed_from": c.get("resumed_from"),
+                "copied_bytes": c.get("copied_bytes"),
                 "members": list(g.members),
                 "member_rows": [
                     {"domain": m, "state": st}

@@ -24,10 +24,18 @@ same replica format as 'sync' (points, verify, retention).
 The first point after the mirrors start is a full copy (the mirror copies
 the whole disk into a fresh image, reported by 'progress' events: bytes
 copied of bytes to copy, every second until 'in-sync'; no point is taken
-before); later points are deltas.
+before; a restart from a final point copies only what changed, below);
+later points are deltas.
+
+When every domain stops (within 30 s of each other) and each disk's
+content digest equals the replica's, the run commits a final point, adds
+an empty overlay to each disk through libvirt, emits 'stopped' and exits
+0; the next run, once the domains run again, copies only what the guests
+wrote since they booted ('syncing' says 'resume', or why not:
+'full_copy_reason').
 
 Faults end the run with exit 66 after a 'degraded' event: a mirror that
-fails (replica killed, link cut, domain stopped), libvirtd's connection
+fails (replica killed, link cut, a domain stopped out of sync), libvirtd's connection
 closing (without job events no point may be committed), or a replica that does
 not answer within --replica-timeout (the link is then broken on purpose, so
 guest writes never block longer). The agent then falls back to snapshot

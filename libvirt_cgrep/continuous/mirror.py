@@ -72,6 +72,8 @@ class Mirrors:
         self.name = dom.name()
         self.states: dict[str, str] = dict.fromkeys(targets, "starting")
         self.failures = 0
+        #: the domain stopped (a lifecycle event): its jobs ended with it
+        self.stopped = False
         self.lock = threading.Lock()
         self.on_change = on_change
         self._ids = [
@@ -98,16 +100,19 @@ class Mirrors:
 
     def _lifecycle(self, conn: object, dom: object, event: int, detail: int, opaque: object) -> None:
         if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_CRASHED):
+            self.stopped = True
             for t in list(self.states):
                 self._set(t, "gone")
 
-    def start(self, socket: str, exports: Mapping[str, str], bandwidth: int | None = None) -> None:
+    def start(self, socket: str, exports: Mapping[str, str], bandwidth: int | None = None, *, shallow: bool = False) -> None:
         """One ``virDomainBlockCopy`` per disk into its export; LibvirtError (jobs started so far aborted) on failure.
 
         ``bandwidth`` (bytes/s) limits each job's background copy (tests: a seeding that lasts).
+        ``shallow`` copies only the active image (the export's backing already holds the rest).
         """
         started: list[str] = []
         params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
+        flags = COPY_FLAGS | (libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW if shallow else 0)
         try:
             for target in self.states:
                 self._set(target, "syncing")
@@ -117,7 +122,7 @@ class Mirrors:
                     target,
                     nbd_disk_xml(socket, exports[target]),
                     params,
-                    COPY_FLAGS,
+                    flags,
                 )
                 started.append(target)
         except BaseException:

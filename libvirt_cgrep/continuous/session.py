@@ -28,6 +28,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -44,7 +45,9 @@ from typing import Any
 
 import libvirt
 
+from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.proc import wait_listening
+from libvirt_cgrep.continuous import restart
 from libvirt_cgrep.continuous.mirror import Mirrors
 from libvirt_cgrep.core import continuous as cc
 from libvirt_cgrep.core import manifest as mf
@@ -63,6 +66,8 @@ PING_S = 0.5
 PROGRESS_S = 1.0
 #: Limits each copy job's background copy to this many bytes/s (tests: a seeding that lasts).
 FAULT_COPY_BANDWIDTH_ENV = "CGREP_FAULT_COPY_BANDWIDTH"
+#: After one domain of a set stopped, how long the others have to stop too (then: a final point, no recopy).
+STOP_WAIT_S = 30.0
 #: Deadline of requests that do real work on the replica (start, commit: checksums; prune: merges).
 LONG_S = 600.0
 
@@ -214,9 +219,21 @@ class Session:
                 disks.append((b.name, d.target, size))
                 per_dom.setdefault(b.name, []).append(d.target)
         self.link = Link(self.target, serve=True)
-        reply = self._request(
-            {"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}, LONG_S
-        )
+        resume, why = self._resume_plan(per_dom)
+        # A previous restart's overlay below the active image is folded down first (libvirt's block commit;
+        # the guest keeps writing): a disk's chain grows by at most one overlay per restart.
+        folded = [f for b in self.backends for t in per_dom[b.name] if (f := restart.fold_previous(b.dom, t))]
+        start = {"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}
+        reply: dict[str, Any] | None = None
+        if resume is not None:
+            try:
+                reply = self._request({**start, "resume": resume}, LONG_S)
+            except _Broken:
+                raise
+            except CgrepError as exc:
+                resume, why = None, f"the replica cannot restart from {resume}: {exc}"
+        if reply is None:
+            reply = self._request(start, LONG_S)
         socket = str(reply["socket"])
         if self.target.host is None:
             self.daemon_pid = int(reply["pid"])
@@ -231,6 +248,9 @@ class Session:
                 "writethrough": self.opts.writethrough,
                 "daemon_pid": int(reply["pid"]),  # on the replica host
                 "forwarder_pid": self.forwarder.pid if self.forwarder else None,
+                "resume": resume,  # the final point the replica restarts from: only the disks' new tops are copied
+                "full_copy_reason": why,
+                "folded": folded,
             }
         )
         t0 = time.monotonic()
@@ -238,12 +258,114 @@ class Session:
         for b in self.backends:
             m = Mirrors(self.conn, b.dom, per_dom[b.name], self._on_change)
             self.mirrors.append(m)
-            m.start(socket, {t: exports[(b.name, t)] for t in per_dom[b.name]}, bandwidth)
+            m.start(socket, {t: exports[(b.name, t)] for t in per_dom[b.name]}, bandwidth, shallow=resume is not None)
         self._last_progress = 0.0
         for m in self.mirrors:
             m.wait_ready(self.opts.ready_timeout, self._syncing_tick)
         self._wstats = self.write_stats()
-        self.emit({"event": "in-sync", "set": self.set_name, "sync_s": round(time.monotonic() - t0, 3)})
+        copied = self.progress()[1]
+        self.emit(
+            {
+                "event": "in-sync",
+                "set": self.set_name,
+                "sync_s": round(time.monotonic() - t0, 3),
+                "copied_bytes": copied,
+                "resume": resume,
+            }
+        )
+
+    def _resume_plan(self, per_dom: dict[str, list[str]]) -> tuple[str | None, str | None]:
+        """(final point to restart from, None) if every disk may skip the full copy, else (None, why not)."""
+        try:
+            pts = self._request({"op": "points", "set": self.set_name}, LONG_S)["points"]
+        except _Broken:
+            raise
+        except CgrepError as exc:
+            return None, f"the replica's points are not readable: {exc}"
+        if not pts:
+            return None, "the replica holds no point of the set yet"
+        newest = pts[-1]
+        record = cc.resume_from_dict((newest.get("extra") or {}).get("resume"))
+        chains = {(b.name, t): c for b in self.backends for t, c in restart.chains(b.dom, per_dom[b.name]).items()}
+        ids = {p: restart.file_id(p) for c in chains.values() for p in c[1:]}
+        why = cc.check_resume(record, chains, ids)
+        return (None, why) if why else (str(newest["point_id"]), None)
+
+    def _stopped(self) -> bool:
+        """True once every domain of the set stopped (its jobs ended with it) and is shut off.
+
+        After the first domain's stop, the others get STOP_WAIT_S to stop too (a
+        host shutting its guests down one by one); meanwhile their writes are
+        still mirrored, and the replica is pinged.
+        """
+        if not self.mirrors or not any(m.stopped for m in self.mirrors):
+            return False
+        end = time.monotonic() + STOP_WAIT_S
+        while not all(m.stopped for m in self.mirrors) or any(b.dom.isActive() for b in self.backends):
+            if time.monotonic() > end:
+                return False
+            self._ping()
+            time.sleep(0.1)
+        return True
+
+    def _final(self) -> None:
+        """Every domain stopped: commit the replica's images as a final point if they equal the disks; add overlays.
+
+        The identities of the disks' images are taken before their digests, so a
+        write after the digest changes what the next start compares. A digest
+        that differs raises StateError (the next start copies everything).
+        """
+        now = datetime.now(UTC)
+        pid = make_point_id(now)
+        chains = {
+            (b.name, t): c
+            for b, m in zip(self.backends, self.mirrors, strict=True)
+            for t, c in restart.chains(b.dom, list(m.states)).items()
+        }
+        ids = {p: restart.file_id(p) for c in chains.values() for p in c}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            mine_f = pool.submit(lambda: {f"{d}/{t}": qemu_img.content_digest(Path(c[0])) for (d, t), c in chains.items()})
+            reply = self._request({"op": "final", "point_id": pid}, LONG_S)
+            mine = mine_f.result()
+            digest_s = time.monotonic() - t0
+        theirs = reply["digests"]
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise StateError(
+                f"the domain stopped, but the replica's {', '.join(differ)} differ from its disks: "
+                "nothing committed, the next start copies them in full"
+            )
+        gone = [p for p, f in ids.items() if f is None]
+        if gone:
+            raise StateError(f"the domain stopped, but {', '.join(gone)} vanished: the next start copies in full")
+        records = [
+            cc.ResumeDisk(d, t, cc.overlay_path(c[0], pid), tuple(f for p in c if (f := ids[p]) is not None), mine[f"{d}/{t}"])
+            for (d, t), c in chains.items()
+        ]
+        draft = self._manifest(pid, now, {"mode": "continuous", "final": True, "resume": cc.resume_to_dict(records)})
+        committed = self._request({"op": "commit", "manifest": manifest_to_dict(draft)}, LONG_S)
+        self.points += 1
+        self.emit(
+            {
+                "event": "point",
+                "set": self.set_name,
+                "point_id": pid,
+                "time_utc": draft.time_utc,
+                "cut_ms": 0.0,
+                "commit_ms": committed["commit_ms"],
+                "final": True,
+                "digest_s": round(digest_s, 3),
+                "pruned": [],
+            }
+        )
+        reason = None
+        try:
+            for b in self.backends:
+                restart.add_overlays(b.dom, {r.target: r.top for r in records if r.domain == b.name})
+        except CgrepError as exc:
+            reason = f"no restart overlay: {exc}"
+        self.emit({"event": "stopped", "set": self.set_name, "point_id": pid, "resumable": reason is None, "reason": reason})
 
     def write_stats(self) -> tuple[int, int]:
         """(write operations, total ns) over the set's mirrored disks, asked now."""
@@ -293,22 +415,7 @@ class Session:
         self._check_conn()
         if failures2 != failures or cc.mirror_state(states2) != "in-sync" or bad:
             raise StateError(f"a mirror left READY around the cut of {pid}: point not committed ({states2}, gone: {bad})")
-        draft = mf.Manifest(
-            point_id=pid,
-            time_utc=now.isoformat().replace("+00:00", "Z"),
-            set_name=self.set_name,
-            group=self.set_name if len(self.backends) > 1 else None,
-            parent=None,
-            fence="none",
-            consistency="crash",
-            domains=tuple(mf.DomainRecord(*b.record()) for b in self.backends),
-            disks=tuple(
-                mf.DiskRecord(b.name, t, "", None, 0, 0, "", "", "")
-                for b, m in zip(self.backends, self.mirrors, strict=True)
-                for t in m.states
-            ),
-            extra={"mode": "continuous", "cut_ms": cut["cut_ms"], "prepare_ms": prep["prepare_ms"]},
-        )
+        draft = self._manifest(pid, now, {"mode": "continuous", "cut_ms": cut["cut_ms"], "prepare_ms": prep["prepare_ms"]})
         reply = self._request({"op": "commit", "manifest": manifest_to_dict(draft)}, LONG_S)
         pruned: list[str] = []
         if self.opts.policy is not None:
@@ -339,6 +446,25 @@ class Session:
             "pruned": pruned,
         }
 
+    def _manifest(self, pid: str, now: datetime, extra: dict[str, Any]) -> mf.Manifest:
+        """A point's draft manifest (the replica fills in each disk's image, size and checksum)."""
+        return mf.Manifest(
+            point_id=pid,
+            time_utc=now.isoformat().replace("+00:00", "Z"),
+            set_name=self.set_name,
+            group=self.set_name if len(self.backends) > 1 else None,
+            parent=None,
+            fence="none",
+            consistency="crash",
+            domains=tuple(mf.DomainRecord(*b.record()) for b in self.backends),
+            disks=tuple(
+                mf.DiskRecord(b.name, t, "", None, 0, 0, "", "", "")
+                for b, m in zip(self.backends, self.mirrors, strict=True)
+                for t in m.states
+            ),
+            extra=extra,
+        )
+
     def run(self, stop: threading.Event) -> int:
         """Start, then take points every interval until ``count`` points or ``stop``; StateError on a fault."""
         try:
@@ -349,9 +475,19 @@ class Session:
                     self._check_conn()
                     states, _ = self._states()
                     if cc.mirror_state(states) != "in-sync":
+                        if self._stopped():
+                            self._final()
+                            return 0
                         raise StateError(f"mirror left READY: {', '.join(f'{k} {v}' for k, v in states.items() if v != 'ready')}")
                     if time.monotonic() >= next_at:
-                        self.emit(self.point())
+                        try:
+                            ev = self.point()
+                        except StateError:
+                            if self._stopped():  # the domains stopped around this cut
+                                self._final()
+                                return 0
+                            raise
+                        self.emit(ev)
                         next_at += self.opts.interval
                         next_at = max(next_at, time.monotonic())
                         if self.opts.count is not None and self.points >= self.opts.count:

@@ -13,8 +13,14 @@ the primary confirms (``commit``) that every mirror stayed in sync up to the
 cut. Live images are staging files: if the session ends in any other way
 than a commit, nothing of them survives the next open of the target.
 
-Requests (stream protocol v1): ``start``, ``prepare``, ``cut``, ``commit``, ``ping``,
-``prune``, ``points``, ``bye``.
+A domain restart need not recopy its disks: when the primary's domains stop
+in sync, ``final`` stops the daemon and stages the live images as a point,
+committed only if their content digests equal the primary's disks'; the next
+session's ``start`` with ``resume`` (that point, still the newest) serves
+live overlays over it, and the primary mirrors only its disks' new top.
+
+Requests (stream protocol v1): ``start``, ``prepare``, ``cut``, ``commit``, ``final``,
+``ping``, ``prune``, ``points``, ``bye``.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from libvirt_cgrep.adapters import nbd
+from libvirt_cgrep.adapters import nbd, qemu_img
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
 from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
 from libvirt_cgrep.adapters.qsd import StorageDaemon
 from libvirt_cgrep.core import continuous as cc
+from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core.retention import PointTime, Policy
 from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
@@ -50,6 +57,8 @@ from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_f
 RUN_DIR_ENV = "CGREP_RUN_DIR"
 #: Test-only negative control: cut disk by disk, this many ms apart (never one transaction).
 FAULT_SPLIT_CUT_ENV = "CGREP_FAULT_SPLIT_CUT_MS"
+#: Test-only: ``final`` reports digests that match no disk (the mismatch path of a restart).
+FAULT_FINAL_DIGEST_ENV = "CGREP_FAULT_FINAL_DIGEST"
 #: The session ends when the primary is silent this long (it pings every 0.5 s).
 IDLE_S = 30
 
@@ -72,8 +81,10 @@ class ServeSession:
         self.prepared: cc.ReplicaCut | None = None
         self.broken: str | None = None
         self.flushers: list[nbd.NBDClient] = []
-        #: the daemon's node of every disk of every point this session cut: {point id: {(domain, target): node}}
+        #: the daemon's node of every disk of every point this session cut or opened: {point id: {(domain, target): node}}
         self.nodes: dict[str, dict[tuple[str, str], str]] = {}
+        #: ``final`` staged the live images as a point (the daemon is stopped)
+        self.final_point = False
 
     # ---------------------------------------------------------------- start
     def start(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +98,12 @@ class ServeSession:
         (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
         pts = self.store.points(set_name)
         newest = pts[-1] if pts else None
+        resume = str(msg["resume"]) if msg.get("resume") else None
+        chains: dict[tuple[str, str], list[tuple[str, mf.DiskRecord]]] = {}
+        if resume is not None:
+            chains = self._resume_chains(pts, resume, disks)
         self.seq = 1
-        live = cc.first_live(disks, self.seq)
+        live = cc.first_live(disks, self.seq, over=resume)
         base = os.environ.get(RUN_DIR_ENV) or tempfile.gettempdir()
         self.run_dir = Path(tempfile.mkdtemp(prefix="cgrep-serve-", dir=base))
         os.chmod(self.run_dir, 0o711)  # QEMU's user must reach the NBD socket (the socket itself is 0660, its own)
@@ -97,16 +112,24 @@ class ServeSession:
         try:
             self.daemon = StorageDaemon(self.run_dir, preexec=_die_with_parent)
             self.daemon.start_nbd(qemu_owner())
-            for d in live:
+            for i, d in enumerate(live):
                 path = sdir / d.image
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path.unlink(missing_ok=True)
                 argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
                 if d.backing:
-                    argv += ["-F", "qcow2", "-b", d.backing]
+                    argv += ["-u", "-F", "qcow2", "-b", d.backing]
                 run([*argv, str(path), str(d.size)], timeout=60)
                 made.append(path)
-                self.daemon.add_image(d.node, str(path))
+                # A resumed session opens the final point's chain itself, one named node per point, so that
+                # retention merges across it in the daemon (as it merges this session's own points).
+                below: str | None = None
+                for j, (pid, rec) in enumerate(chains.get((d.domain, d.target), [])):
+                    node = f"rp{j}x{i}"
+                    self.daemon.add_image(node, str(sdir / rec.image), backing_null=below is None, backing=below)
+                    self.nodes.setdefault(pid, {})[(d.domain, d.target)] = node
+                    below = node
+                self.daemon.add_image(d.node, str(path), backing=below)
                 self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=bool(msg.get("writethrough")))
             # One NBD client per export, to flush them before each cut (outside the transaction's drain).
             self.flushers = [nbd.NBDClient(self.daemon.nbd_path, cc.export_name(d.domain, d.target)) for d in live]
@@ -123,6 +146,62 @@ class ServeSession:
             "exports": [[d.domain, d.target, cc.export_name(d.domain, d.target)] for d in live],
             "parent": newest.point_id if newest else None,
         }
+
+    def _resume_chains(
+        self, pts: list[mf.Manifest], resume: str, disks: list[tuple[str, str, int]]
+    ) -> dict[tuple[str, str], list[tuple[str, mf.DiskRecord]]]:
+        """Each disk's chain of point images under the final point ``resume``, oldest first; StateError if unusable."""
+        if not pts or pts[-1].point_id != resume:
+            raise StateError(f"cannot restart from point {resume}: it is not the newest point of the set")
+        if cc.resume_from_dict(pts[-1].extra.get("resume")) is None:
+            raise StateError(f"cannot restart from point {resume}: it is not the final point of a clean stop")
+        by_id = {m.point_id: {(r.domain, r.target): r for r in m.disks} for m in pts}
+        out: dict[tuple[str, str], list[tuple[str, mf.DiskRecord]]] = {}
+        for domain, target, size in disks:
+            chain: list[tuple[str, mf.DiskRecord]] = []
+            pid: str | None = resume
+            while pid is not None:
+                rec = by_id.get(pid, {}).get((domain, target))
+                if rec is None:
+                    raise StateError(f"cannot restart from point {resume}: {domain}/{target} has no image in point {pid}")
+                chain.append((pid, rec))
+                pid = rec.backing[: -len(".qcow2")] if rec.backing else None
+            if chain[0][1].virtual_size != size:
+                raise StateError(f"cannot restart from point {resume}: {domain}/{target} changed size")
+            out[(domain, target)] = chain[::-1]
+        return out
+
+    def final(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The primary's domains stopped: stop the daemon, stage the live images as point ``point_id``, digest them.
+
+        The images become a point only on ``commit`` (the primary's disks hold the same digests); else the
+        session's end discards them.
+        """
+        _, set_name = self._require()
+        pid = str(msg["point_id"])
+        if not mf.valid_point_id(pid):
+            raise UsageError(f"invalid point id {pid!r}")
+        self._drop_prepared()
+        self._teardown()  # exports end; QEMU flushes and closes every image
+        sdir = self.store.set_dir(set_name)
+        if self.pending is not None:
+            # A cut whose commit never came (the domains stopped around it): fold its overlays back into
+            # the frozen images, which then hold everything, as if the cut never happened.
+            for st in self.pending.steps:
+                new, old = sdir / st.new.image, sdir / st.old.image
+                run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", old.name, str(new)], timeout=60)
+                run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(new)], timeout=3600)
+                new.unlink()
+            self.live = tuple(st.old for st in self.pending.steps)
+            self.pending = None
+        steps = tuple(cc.CutStep(d, mf.disk_image_name(d.domain, d.target, pid), d) for d in self.live)
+        self.pending = cc.ReplicaCut(pid, self.seq, steps)
+        self.final_point = True
+        t0 = time.monotonic()
+        digests = {f"{d.domain}/{d.target}": qemu_img.content_digest(sdir / d.image) for d in self.live}
+        if os.environ.get(FAULT_FINAL_DIGEST_ENV):
+            digests = dict.fromkeys(digests, "0" * 64)  # test-only: a replica that differs from the primary
+        return {"ok": True, "digests": digests, "digest_ms": round((time.monotonic() - t0) * 1000.0, 3)}
 
     # ------------------------------------------------------------------ cut
     def _require(self) -> tuple[StorageDaemon, str]:
@@ -215,7 +294,10 @@ class ServeSession:
 
     def commit(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Make the pending cut a point (fsync, rename, manifest last); ``abort`` ends the session instead."""
-        _, set_name = self._require()
+        if self.final_point and self.set_name is not None and not self.broken:
+            set_name = self.set_name  # after ``final``: the daemon is stopped on purpose
+        else:
+            _, set_name = self._require()
         plan = self.pending
         if plan is None:
             raise StateError("commit without a cut")
@@ -238,6 +320,8 @@ class ServeSession:
             raise
         self.pending = None
         self.nodes[plan.point_id] = {(st.old.domain, st.old.target): st.old.node for st in plan.steps}
+        if self.final_point:
+            self.live = ()  # renamed into the point: nothing is left to serve or discard
         return {"ok": True, "manifest": manifest_to_dict(final), "commit_ms": round((time.monotonic() - t0) * 1000.0, 3)}
 
     def ping(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -285,9 +369,12 @@ class ServeSession:
         mpath.unlink()
         fsync_dir(mpath.parent)
         live = {(d.domain, d.target): d.node for d in self.live}
+        xrec = {(d.domain, d.target): d for d in x.disks}
         for d in c.disks:
             key = (d.domain, d.target)
             x_node, c_node = self.nodes[x_id][key], self.nodes[c.point_id][key]
+            xb = xrec[key].backing
+            below = self.nodes.get(xb[: -len(".qcow2")], {}).get(key) if xb else None
             daemon.qmp.job(
                 "block-commit",
                 {
@@ -300,12 +387,15 @@ class ServeSession:
                 },
                 timeout=3600.0,
             )
+            if below is not None or not xb:
+                # QEMU keeps the commit's metadata in its cache: write it out, or the checksum below would be
+                # of an image that the daemon's exit changes again
+                daemon.flush_image(x_node, below)
             x_img = (sdir / d.image).parent / f"{x_id}.qcow2"
             os.replace(x_img, sdir / d.image)
             fsync_dir(x_img.parent)
             daemon.del_image(c_node)
             self.nodes[c.point_id][key] = x_node
-        xrec = {(d.domain, d.target): d for d in x.disks}
         new_disks = [replace(d, backing=xrec[(d.domain, d.target)].backing, sha256=sha256_file(sdir / d.image)) for d in c.disks]
         save_file(sdir / "points" / f"{c.point_id}.json", replace(c, disks=tuple(new_disks), parent=x.parent).to_json(), 0o600)
         if above is not None:  # its header was rewritten (same backing name): keep its checksum true
@@ -352,6 +442,8 @@ class ServeSession:
             return self.cut(msg)
         if op == "commit":
             return self.commit(msg)
+        if op == "final":
+            return self.final(msg)
         if op == "ping":
             return self.ping(msg)
         if op == "prune":
