@@ -690,3 +690,26 @@ def test_group_restart_without_recopy(conn: libvirt.virConnect, lab_group: Group
     r.stop()
     res = verify(target)
     assert len(res) >= 6 and all(x["ok"] and x["write_order"]["consistent"] for x in res), res
+
+
+def test_restart_without_recopy_over_ssh(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path, ssh_env: SSHD) -> None:
+    """The same over ssh: the replica digests its images on its own host, the restart copies only the new top."""
+    vm = lab_vm(disks=2, tag="contrsh")
+    target = ssh_env.target(tmp_path / "replica")
+    r = Runner(vm.name, "--target", target, "--interval", "1s")
+    first = r.wait_for("in-sync", timeout=180)
+    r.wait_for("point", 2)
+    _stop_clean(conn, vm.name)
+    assert r.proc.wait(timeout=120) == 0
+    stopped = r.wait_for("stopped")
+    r.stop()
+    assert stopped["resumable"], stopped
+    lv.lookup(conn, vm.name).create()
+    wait_progress(vm.directory / "console.log", records=10, timeout=90)
+    r = Runner(vm.name, "--target", target, "--interval", "1s", "--count", "2")
+    again = r.wait_for("in-sync", timeout=180)
+    assert again["resume"] == stopped["point_id"] and again["copied_bytes"] < first["copied_bytes"] / 4, (first, again)
+    assert r.proc.wait(timeout=120) == 0
+    r.stop()
+    res = verify(str(tmp_path / "replica"))
+    assert len(res) >= 4 and all(x["ok"] and x["write_order"]["consistent"] for x in res), res
