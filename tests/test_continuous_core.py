@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from libvirt_cgrep.core import protection as prot
 from libvirt_cgrep.errors import UsageError
 
 PID = "20261125T101500.123456Z"
+NOW = datetime(2026, 11, 25, 10, 16, tzinfo=UTC)
 
 
 def test_first_live_images_are_bases_with_staging_names() -> None:
@@ -177,21 +179,27 @@ def test_resumed_first_live_images_are_overlays_of_the_final_point() -> None:
 
 
 def test_agent_clean_stop_is_no_fault(tmp_path: Path) -> None:
-    """A child's ``stopped`` event (a final point committed) and its exit 0: mirror ``stopped``, no alert."""
+    """A child's ``stopped`` event (a final point committed) and its exit 0: mirror ``stopped``, an informational
+    ``continuous-stopped`` alert (no ``continuous-degraded``), then ``continuous-restored`` once in sync again."""
     from types import SimpleNamespace
     from typing import Any, cast
 
     from libvirt_cgrep.agent.continuous import Continuous, _Group, read_sidecar
 
-    alerts: list[object] = []
-    agent = SimpleNamespace(stopping=False, db=SimpleNamespace(add_alert=lambda *a: alerts.append(a)))
+    alerts: list[str] = []
+    agent = SimpleNamespace(
+        stopping=False,
+        db=SimpleNamespace(add_alert=lambda group, kind, *a: alerts.append(kind)),
+        sink=SimpleNamespace(deliver=lambda a: None),
+    )
     c = Continuous(cast(Any, agent), tmp_path / "continuous.json")
     g = c.groups["g1"] = _Group(mirror="in-sync")
     rt = cast(Any, SimpleNamespace(spec=SimpleNamespace(name="g1"), state="ok"))
-    c._event(rt, g, {"event": "stopped", "point_id": PID, "resumable": True, "reason": None}, cast(Any, None))
-    c._event(rt, g, {"event": "exit", "code": 0, "stderr": [""]}, cast(Any, None))
+    c._event(rt, g, {"event": "stopped", "point_id": PID, "resumable": True, "reason": None}, NOW)
+    c._event(rt, g, {"event": "exit", "code": 0, "stderr": [""]}, NOW)
     c._write()
-    assert g.mirror == "stopped" and not g.degraded and not alerts
+    assert g.mirror == "stopped" and not g.degraded and alerts == ["continuous-stopped"]
     assert read_sidecar(tmp_path)["g1"]["mirror"] == "stopped"
-    c._event(rt, g, {"event": "in-sync", "resume": PID, "copied_bytes": 4096}, cast(Any, None))
-    assert g.mirror == "in-sync" and g.resumed_from == PID and g.copied_bytes == 4096 and not alerts
+    c._event(rt, g, {"event": "in-sync", "resume": PID, "copied_bytes": 4096}, NOW)
+    assert g.mirror == "in-sync" and g.resumed_from == PID and g.copied_bytes == 4096
+    assert alerts == ["continuous-stopped", "continuous-restored"]

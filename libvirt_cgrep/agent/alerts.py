@@ -44,7 +44,7 @@ class AlertSink:
         self.command = list(command)
 
     def deliver(self, alert: Alert) -> None:
-        level = logging.WARNING if alert.kind != "rpo-restored" else logging.INFO
+        level = logging.INFO if alert.kind.endswith("-restored") or alert.kind == "continuous-stopped" else logging.WARNING
         log.log(level, "%s %s: %s", alert.kind, alert.group, alert.message)
         if self.jsonl is not None:
             try:

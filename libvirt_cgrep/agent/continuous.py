@@ -6,9 +6,10 @@ Guarantees:
   child starts only when no snapshot cycle runs, and no snapshot cycle
   starts while the child runs (:meth:`Continuous.owns`);
 - a child that ends after its domains stopped in sync (a ``stopped`` event:
-  its final point committed) raises nothing: the mirror state is
-  ``stopped`` and continuous mode starts again, without a full recopy when
-  the disks allow it, as soon as the domains run again;
+  its final point committed) is no fault: a ``continuous-stopped`` alert
+  (informational), the mirror state ``stopped``, and continuous mode starts
+  again, without a full recopy when the disks allow it, as soon as the
+  domains run again (then ``continuous-restored``);
 - a child that ends otherwise (replica killed or hung, link cut, a domain
   stopped out of sync) raises
   a ``continuous-degraded`` alert as soon as its ``degraded`` event (or its
@@ -77,6 +78,8 @@ class _Group:
     resync_done: int | None = None
     resync_total: int | None = None
     write_ms: float | None = None
+    #: a ``continuous-stopped`` alert was raised (its ``continuous-restored`` is due)
+    stopped: bool = False
     #: the last sync: the final point it restarted from (None: a full copy) and the bytes it copied
     resumed_from: str | None = None
     copied_bytes: int | None = None
@@ -179,9 +182,14 @@ class Continuous:
             g.resync_done = g.resync_total = None
             g.resumed_from = ev.get("resume")
             g.copied_bytes = ev.get("copied_bytes")
-            if g.degraded:
-                g.degraded = False
-                self._alert(rt, "continuous-restored", "mirrors in sync again (after a full resync)", now)
+            how = (
+                "after a full resync"
+                if g.resumed_from is None
+                else f"restarted from final point {g.resumed_from}, {g.copied_bytes} bytes copied"
+            )
+            if g.degraded or g.stopped:
+                g.degraded = g.stopped = False
+                self._alert(rt, "continuous-restored", f"mirrors in sync again ({how})", now)
         elif kind == "point":
             pid, t = str(ev["point_id"]), str(ev["time_utc"])
             rt.newest_id = pid
@@ -204,8 +212,18 @@ class Continuous:
                 error=None,
             )
         elif kind == "stopped":
-            g.mirror = "stopped"  # the domains stopped in sync: a final point, no fault
+            g.mirror = "stopped"  # the domains stopped in sync: a final point, not a fault
             g.reason = None if ev.get("resumable") else str(ev.get("reason"))
+            if not g.stopped and not g.degraded:
+                g.stopped = True
+                then = "without a full recopy" if ev.get("resumable") else f"with a full copy ({g.reason})"
+                self._alert(
+                    rt,
+                    "continuous-stopped",
+                    f"the domains stopped in sync: final point {ev.get('point_id')}; continuous mode restarts {then} "
+                    "when they run again",
+                    now,
+                )
         elif kind == "exit" and g.mirror == "stopped" and ev.get("code") == 0:
             pass
         elif kind == "exit" and self.agent.stopping and g.mirror != "degraded":
