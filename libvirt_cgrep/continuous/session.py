@@ -286,10 +286,14 @@ class Session:
             return None, "the replica holds no point of the set yet"
         newest = pts[-1]
         record = cc.resume_from_dict((newest.get("extra") or {}).get("resume"))
-        chains = {(b.name, t): c for b in self.backends for t, c in restart.chains(b.dom, per_dom[b.name]).items()}
+        chains = self._chains(per_dom)
         ids = {p: restart.file_id(p) for c in chains.values() for p in c[1:]}
         why = cc.check_resume(record, chains, ids)
         return (None, why) if why else (str(newest["point_id"]), None)
+
+    def _chains(self, per_dom: dict[str, list[str]]) -> dict[tuple[str, str], tuple[str, ...]]:
+        """Each protected disk's chain, active image first, as real paths: {(domain, target): chain}."""
+        return {(b.name, t): c for b in self.backends for t, c in restart.chains(b.dom, per_dom[b.name]).items()}
 
     def _stopped(self) -> bool:
         """True once every domain of the set stopped (its jobs ended with it) and is shut off.
@@ -308,6 +312,13 @@ class Session:
             time.sleep(0.1)
         return True
 
+    def _end_if_stopped(self) -> bool:
+        """If the set's domains stopped (:meth:`_stopped`), take the final point (:meth:`_final`) and say so."""
+        if not self._stopped():
+            return False
+        self._final()
+        return True
+
     def _final(self) -> None:
         """Every domain stopped: commit the replica's images as a final point if they equal the disks; add overlays.
 
@@ -317,11 +328,7 @@ class Session:
         """
         now = datetime.now(UTC)
         pid = make_point_id(now)
-        chains = {
-            (b.name, t): c
-            for b, m in zip(self.backends, self.mirrors, strict=True)
-            for t, c in restart.chains(b.dom, list(m.states)).items()
-        }
+        chains = self._chains({m.name: list(m.states) for m in self.mirrors})
         ids = {p: restart.file_id(p) for c in chains.values() for p in c}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             t0 = time.monotonic()
@@ -475,16 +482,14 @@ class Session:
                     self._check_conn()
                     states, _ = self._states()
                     if cc.mirror_state(states) != "in-sync":
-                        if self._stopped():
-                            self._final()
+                        if self._end_if_stopped():
                             return 0
                         raise StateError(f"mirror left READY: {', '.join(f'{k} {v}' for k, v in states.items() if v != 'ready')}")
                     if time.monotonic() >= next_at:
                         try:
                             ev = self.point()
                         except StateError:
-                            if self._stopped():  # the domains stopped around this cut
-                                self._final()
+                            if self._end_if_stopped():  # the domains stopped around this cut
                                 return 0
                             raise
                         self.emit(ev)

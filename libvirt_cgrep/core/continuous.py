@@ -96,7 +96,7 @@ def first_live(disks: Sequence[tuple[str, str, int]], seq: int, over: str | None
     final point it restarts from) starts on overlays of that point's images
     instead, in their directory, as a cut's do.
     """
-    backing = None if over is None else f"{over}.qcow2"
+    backing = None if over is None else mf.point_file(over)
     return tuple(
         LiveDisk(domain, target, size, live_node(seq, i), live_file(domain, target, seq), backing)
         for i, (domain, target, size) in enumerate(disks)
@@ -112,7 +112,7 @@ def plan_cut(point_id: str, live: Sequence[LiveDisk], seq: int) -> ReplicaCut:
     steps = []
     for i, d in enumerate(live):
         final = mf.disk_image_name(d.domain, d.target, point_id)
-        new = LiveDisk(d.domain, d.target, d.size, live_node(seq, i), live_file(d.domain, d.target, seq), f"{point_id}.qcow2")
+        new = LiveDisk(d.domain, d.target, d.size, live_node(seq, i), live_file(d.domain, d.target, seq), mf.point_file(point_id))
         if new.node == d.node or new.image == d.image:
             raise ValueError(f"live generation {seq} collides with the current one")
         steps.append(CutStep(d, final, new))
@@ -175,7 +175,14 @@ class ResumeDisk:
 
 
 def overlay_path(top: str, point_id: str) -> str:
-    """The overlay added over ``top`` after the final point ``point_id``: beside it, ours by its name."""
+    """The overlay added over ``top`` after the final point ``point_id``: beside it, ours by its name.
+
+    Not :func:`core.plan.overlay_path` on purpose: snapshot mode's overlays
+    (``.cgrep-<lowercase token>``) are folded away by its cycles
+    (``engine.sync.primary_base`` skips them), while a restart overlay holds
+    the guest's writes since it booted and must stay the disk's base for those
+    cycles; :func:`fold_plan` likewise folds only restart overlays.
+    """
     d, name = os.path.split(top)
     m = _OVERLAY.match(name)
     stem = m.group("stem") if m else (name[: -len(".qcow2")] if name.endswith(".qcow2") else name)

@@ -88,7 +88,17 @@ class Manifest:
 
 def disk_image_name(domain: str, target: str, point_id: str) -> str:
     """Where a disk's image of a point lives, relative to the set directory."""
-    return f"disks/{domain}/{target}/{point_id}.qcow2"
+    return f"disks/{domain}/{target}/{point_file(point_id)}"
+
+
+def point_file(point_id: str) -> str:
+    """A point's image file name in its disk's directory: what the next layer names as its backing."""
+    return f"{point_id}.qcow2"
+
+
+def point_of_file(name: str) -> str:
+    """The point id a backing file name (:func:`point_file`) names."""
+    return name.removesuffix(".qcow2")
 
 
 def valid_point_id(pid: str) -> bool:

@@ -165,7 +165,7 @@ class ServeSession:
                 if rec is None:
                     raise StateError(f"cannot restart from point {resume}: {domain}/{target} has no image in point {pid}")
                 chain.append((pid, rec))
-                pid = rec.backing[: -len(".qcow2")] if rec.backing else None
+                pid = mf.point_of_file(rec.backing) if rec.backing else None
             if chain[0][1].virtual_size != size:
                 raise StateError(f"cannot restart from point {resume}: {domain}/{target} changed size")
             out[(domain, target)] = chain[::-1]
@@ -374,7 +374,7 @@ class ServeSession:
             key = (d.domain, d.target)
             x_node, c_node = self.nodes[x_id][key], self.nodes[c.point_id][key]
             xb = xrec[key].backing
-            below = self.nodes.get(xb[: -len(".qcow2")], {}).get(key) if xb else None
+            below = self.nodes.get(mf.point_of_file(xb), {}).get(key) if xb else None
             daemon.qmp.job(
                 "block-commit",
                 {
@@ -382,7 +382,7 @@ class ServeSession:
                     "device": live[key],
                     "top-node": c_node,
                     "base-node": x_node,
-                    "backing-file": f"{c.point_id}.qcow2",
+                    "backing-file": mf.point_file(c.point_id),
                     "auto-dismiss": False,
                 },
                 timeout=3600.0,
@@ -391,7 +391,7 @@ class ServeSession:
                 # QEMU keeps the commit's metadata in its cache: write it out, or the checksum below would be
                 # of an image that the daemon's exit changes again
                 daemon.flush_image(x_node, below)
-            x_img = (sdir / d.image).parent / f"{x_id}.qcow2"
+            x_img = (sdir / d.image).parent / mf.point_file(x_id)
             os.replace(x_img, sdir / d.image)
             fsync_dir(x_img.parent)
             daemon.del_image(c_node)

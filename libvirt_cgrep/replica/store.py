@@ -399,7 +399,7 @@ class Store:
         c = self.point(set_name, c_id)
         for d in c.disks:
             c_img = sdir / d.image
-            x_img = c_img.parent / f"{x_id}.qcow2"
+            x_img = c_img.parent / mf.point_file(x_id)
             if x_img.exists() and d.backing == x_img.name:
                 # C's view never changes: commit writes only clusters C has into X.
                 run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(c_img)], timeout=3600)
