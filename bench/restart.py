@@ -64,7 +64,11 @@ class Run:
     def end(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
@@ -79,11 +83,70 @@ def stop_clean(conn: Any, name: str) -> float:
     return t
 
 
+#: every run started, so that a failing bench still ends them
+_RUNS: list[Run] = []
+
+
 def session(name: str, target: str) -> tuple[Run, dict[str, Any]]:
     r = Run(name, target)
+    _RUNS.append(r)
     ins = r.wait_for("in-sync")
     r.wait_for("point")
     return r, {"sync_s": ins["t"] - r.t0, "copied_bytes": ins["copied_bytes"], "resume": ins["resume"]}
+
+
+def run_phases(conn: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The full copy, ``args.rounds`` clean stops and restarts, and a forced full copy, on one lab domain."""
+    with lab_domain(conn, args.disks, tag="brst", size=args.size_mib << 20) as vm, tempfile.TemporaryDirectory() as d:
+        try:
+            target = str(Path(d) / "replica")
+            dom = lv.lookup(conn, vm.name)
+            dom.destroy()
+            images = [x.image for x in disks_of(lv.persistent_xml(dom))]
+            half = (args.size_mib << 20) // 2
+            for i, img in enumerate(images):  # the data lives in the upper half (the workload's records start at 0)
+                cmd = f"write -P {0x41 + i} {half} {min(args.fill_mib << 20, half)}"
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, img], check=True, capture_output=True)
+            dom.create()
+            log = vm.directory / "console.log"
+            wait_progress(log, records=20, timeout=120)
+            r, full = session(vm.name, target)
+            phases: dict[str, Any] = {"full copy": full, "restarts": []}
+            for _ in range(args.rounds):
+                t_stop = stop_clean(conn, vm.name)
+                stopped = r.wait_for("stopped")
+                final = next(e for e in r.events if e["event"] == "point" and e.get("final"))
+                r.end()
+                stop = {
+                    "stop_to_final_s": stopped["t"] - t_stop,
+                    "digest_s": final["digest_s"],
+                    "resumable": stopped["resumable"],
+                }
+                dom.create()
+                wait_progress(log, records=20, timeout=120)
+                r, res = session(vm.name, target)
+                phases["restarts"].append({**stop, **res})
+            # the same data, a full copy forced: the base touched while the domain is off
+            stop_clean(conn, vm.name)
+            r.wait_for("stopped")
+            r.end()
+            chain = json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "-U", "--backing-chain", "--output=json", disks_of(lv.persistent_xml(dom))[0].image],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+            )
+            os.utime(chain[-1]["filename"])
+            dom.create()
+            wait_progress(log, records=20, timeout=120)
+            r, again = session(vm.name, target)
+            r.end()
+            phases["full copy again"] = again
+        finally:
+            for r in _RUNS:  # before the domain goes, even when a phase failed
+                r.end()
+    return phases
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,48 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conn = lv.connect()
     report: dict[str, Any] = {"disks": args.disks, "size_mib": args.size_mib, "fill_mib": args.fill_mib}
     report["load_before"] = os.getloadavg()
-    with lab_domain(conn, args.disks, tag="brst", size=args.size_mib << 20) as vm, tempfile.TemporaryDirectory() as d:
-        target = str(Path(d) / "replica")
-        dom = lv.lookup(conn, vm.name)
-        dom.destroy()
-        images = [x.image for x in disks_of(lv.persistent_xml(dom))]
-        half = (args.size_mib << 20) // 2
-        for i, img in enumerate(images):  # the data lives in the upper half (the workload's records start at 0)
-            cmd = f"write -P {0x41 + i} {half} {min(args.fill_mib << 20, half)}"
-            subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, img], check=True, capture_output=True)
-        dom.create()
-        log = vm.directory / "console.log"
-        wait_progress(log, records=20, timeout=120)
-        r, full = session(vm.name, target)
-        phases: dict[str, Any] = {"full copy": full, "restarts": []}
-        for _ in range(args.rounds):
-            t_stop = stop_clean(conn, vm.name)
-            stopped = r.wait_for("stopped")
-            final = next(e for e in r.events if e["event"] == "point" and e.get("final"))
-            r.end()
-            stop = {"stop_to_final_s": stopped["t"] - t_stop, "digest_s": final["digest_s"], "resumable": stopped["resumable"]}
-            dom.create()
-            wait_progress(log, records=20, timeout=120)
-            r, res = session(vm.name, target)
-            phases["restarts"].append({**stop, **res})
-        # the same data, a full copy forced: the base touched while the domain is off
-        stop_clean(conn, vm.name)
-        r.wait_for("stopped")
-        r.end()
-        chain = json.loads(
-            subprocess.run(
-                ["qemu-img", "info", "-U", "--backing-chain", "--output=json", disks_of(lv.persistent_xml(dom))[0].image],
-                capture_output=True,
-                check=True,
-            ).stdout
-        )
-        os.utime(chain[-1]["filename"])
-        dom.create()
-        wait_progress(log, records=20, timeout=120)
-        r, again = session(vm.name, target)
-        r.end()
-        phases["full copy again"] = again
-        report["phases"] = phases
+    phases = run_phases(conn, args)
+    report["phases"] = phases
     report["load_after"] = os.getloadavg()
     rs = phases["restarts"]
     rest = {
@@ -156,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [
         ("full copy", base, None),
         (f"restart (median of {len(rs)}, {rest['resumed']} resumed)", rest, rest),
-        ("full copy again (forced)", again, None),
+        ("full copy again (forced)", phases["full copy again"], None),
     ]
     for label, x, st in rows:
         print(

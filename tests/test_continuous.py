@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,20 @@ class Runner:
             for f in (self.proc.stdout, self.proc.stderr):
                 if f is not None:
                     f.close()
+
+
+@pytest.fixture
+def runs() -> Iterator[Callable[..., Runner]]:
+    """Factory of :class:`Runner`; every run still going when the test ends (passed or failed) is stopped."""
+    made: list[Runner] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Runner:
+        made.append(Runner(*args, env=env))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
 
 
 def status(d: Path) -> list[dict[str, Any]]:
@@ -585,7 +600,9 @@ def _tops(conn: libvirt.virConnect, name: str) -> list[str]:
     return [d.image for d in disks_of(lv.persistent_xml(lv.lookup(conn, name)))]
 
 
-def test_restart_without_recopy(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path) -> None:
+def test_restart_without_recopy(
+    conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path, runs: Callable[..., Runner]
+) -> None:
     """A domain stopped in sync restarts without a full recopy, twice (the first overlay folded at the second start);
     a touched base image, or a replica that differs at the stop, means a full copy; every point stays consistent."""
     vm = lab_vm(disks=2, tag="contrs")
@@ -593,7 +610,7 @@ def test_restart_without_recopy(conn: libvirt.virConnect, lab_vm: LabFactory, tm
     base_tops = _tops(conn, vm.name)
 
     def session(env: dict[str, str] | None = None, *extra: str) -> tuple[Runner, dict[str, Any]]:
-        r = Runner(vm.name, "--target", target, "--interval", "1s", *extra, env=env)
+        r = runs(vm.name, "--target", target, "--interval", "1s", *extra, env=env)
         synced = r.wait_for("in-sync", timeout=180)
         r.wait_for("point", 2)
         return r, synced
@@ -669,12 +686,14 @@ def test_restart_without_recopy(conn: libvirt.virConnect, lab_vm: LabFactory, tm
 
 
 @pytest.mark.slow
-def test_group_restart_without_recopy(conn: libvirt.virConnect, lab_group: GroupFactory, tmp_path: Path) -> None:
+def test_group_restart_without_recopy(
+    conn: libvirt.virConnect, lab_group: GroupFactory, tmp_path: Path, runs: Callable[..., Runner]
+) -> None:
     """A 2-VM group stopped one VM after the other: one final point for the group; restarted, no full recopy."""
     grp = lab_group(vms=2, disks=2, tag="contgrs")
     names = [m.name for m in grp.members]
     target = str(tmp_path / "replica")
-    r = Runner(*names, "--set", grp.name, "--target", target, "--interval", "1s")
+    r = runs(*names, "--set", grp.name, "--target", target, "--interval", "1s")
     first = r.wait_for("in-sync", timeout=180)
     r.wait_for("point", 2)
     for n in names:
@@ -686,7 +705,7 @@ def test_group_restart_without_recopy(conn: libvirt.virConnect, lab_group: Group
     assert stopped["resumable"], stopped
     for n in names:
         lv.lookup(conn, n).create()
-    r = Runner(*names, "--set", grp.name, "--target", target, "--interval", "1s", "--count", "3")
+    r = runs(*names, "--set", grp.name, "--target", target, "--interval", "1s", "--count", "3")
     again = r.wait_for("in-sync", timeout=180)
     assert again["resume"] == stopped["point_id"] and again["copied_bytes"] < first["copied_bytes"] / 2, (first, again)
     assert r.proc.wait(timeout=120) == 0
@@ -695,11 +714,13 @@ def test_group_restart_without_recopy(conn: libvirt.virConnect, lab_group: Group
     assert len(res) >= 6 and all(x["ok"] and x["write_order"]["consistent"] for x in res), res
 
 
-def test_restart_without_recopy_over_ssh(conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path, ssh_env: SSHD) -> None:
+def test_restart_without_recopy_over_ssh(
+    conn: libvirt.virConnect, lab_vm: LabFactory, tmp_path: Path, ssh_env: SSHD, runs: Callable[..., Runner]
+) -> None:
     """The same over ssh: the replica digests its images on its own host, the restart copies only the new top."""
     vm = lab_vm(disks=2, tag="contrsh")
     target = ssh_env.target(tmp_path / "replica")
-    r = Runner(vm.name, "--target", target, "--interval", "1s")
+    r = runs(vm.name, "--target", target, "--interval", "1s")
     first = r.wait_for("in-sync", timeout=180)
     r.wait_for("point", 2)
     _stop_clean(conn, vm.name)
@@ -709,7 +730,7 @@ def test_restart_without_recopy_over_ssh(conn: libvirt.virConnect, lab_vm: LabFa
     assert stopped["resumable"], stopped
     lv.lookup(conn, vm.name).create()
     wait_progress(vm.directory / "console.log", records=10, timeout=90)
-    r = Runner(vm.name, "--target", target, "--interval", "1s", "--count", "2")
+    r = runs(vm.name, "--target", target, "--interval", "1s", "--count", "2")
     again = r.wait_for("in-sync", timeout=180)
     assert again["resume"] == stopped["point_id"] and again["copied_bytes"] < first["copied_bytes"] / 4, (first, again)
     assert r.proc.wait(timeout=120) == 0
