@@ -50,7 +50,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import acks_between, configs_type, fmt, lab_domain, log_offset, median, percentile, ratio, wait_progress
 from libvirt_cgrep.adapters import libvirt as lv
-from libvirt_cgrep.continuous.mirror import start_event_loop
 from libvirt_cgrep.continuous.session import Options, Session
 from libvirt_cgrep.replica.link import parse_target
 
@@ -232,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/continuous.json"))
     args = ap.parse_args(argv)
-    start_event_loop()
+    lv.start_event_loop()
     conn = lv.connect()
     if args.configs:
         report_c: dict[str, Any] = {"cuts": args.cuts, "load_before": os.getloadavg()}

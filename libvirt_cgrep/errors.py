@@ -16,13 +16,27 @@ only the CLI entry point turns them into an exit status, through
      +-- LibvirtError          69   a libvirt call failed (cause wrapped)
      +-- CommandError          71   an external command failed (qemu-img, apt-get...)
      |    +-- LabBuildError    72   building the lab guest failed
+     |    +-- Qcow2Error       71   writing a new qcow2 image failed
+     |    +-- NBDError         71   an NBD read or qemu-nbd failed
+     |    +-- StreamError      71   the link to a receiver broke, or spoke an unknown protocol
+     |         +-- StreamIdleError  71   the sender went silent (a dead link); nothing committed
      +-- FenceError            73   a hold passed its deadline; the guardian resumed the guests
+     |    +-- GuardianError    73   the guardian could not be armed, or failed to resume in time
      +-- CutError              74   the transaction failed; guests run on their old chains
      +-- QMPError              75   a QMP command failed or timed out (cause wrapped)
+     |    +-- QMPCommandError  75   QEMU answered with an error; the command did nothing
+     |    +-- QMPOutcomeUnknown 75  no answer came (timeout, lost connection): re-query
+     +-- ManifestError         76   a manifest (or a replica's record) is malformed or unsafe:
+     |                              untrusted input refused, nothing changed
      +-- CheckError                 the write-order checker
      |    +-- InconsistentError 1   holes or bad records: NOT a consistent cut
      |    +-- CannotCheckError  2   the images could not be read
      +-- InternalError         70   a bug; the message says where
+
+Entry points other than the CLI (the receiver, ``serve``, the guardian, the
+lab relay, the agent's cycle children) map their failures through
+:func:`exit_code_for` too; a process ended by a test-only fault switch exits
+99 (``adapters/faults.FAULT_EXIT``).
 
 Exit status 0 means success; 130 means interrupted (SIGINT).
 """
@@ -85,6 +99,42 @@ class QMPError(CgrepError):
     """A QMP command failed, timed out or lost its connection."""
 
 
+class Qcow2Error(CommandError):
+    """The image cannot be written (too big for one refcount table cluster, or I/O failed)."""
+
+
+class NBDError(CommandError):
+    """The NBD server refused a request or the connection broke."""
+
+
+class StreamError(CommandError):
+    """The link to the receiver broke or spoke an unknown protocol."""
+
+
+class StreamIdleError(StreamError):
+    """The sender went silent (a dead link); nothing was committed."""
+
+
+class GuardianError(FenceError):
+    """The guardian could not be armed, or did not confirm the resume in time."""
+
+
+class QMPCommandError(QMPError):
+    """QEMU executed the command and answered with an error; nothing was done by it."""
+
+    def __init__(self, message: str, error_class: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class QMPOutcomeUnknown(QMPError):
+    """The command was sent but no answer came (timeout, lost connection): re-query state."""
+
+
+class ManifestError(CgrepError):
+    """A manifest or another record read from a replica is malformed or unsafe; nothing was changed."""
+
+
 class CheckError(CgrepError):
     """Base for the write-order checker's two verdicts other than success."""
 
@@ -118,6 +168,7 @@ EXIT_CODES: dict[type[CgrepError], int] = {
     FenceError: 73,
     CutError: 74,
     QMPError: 75,
+    ManifestError: 76,
     CheckError: 2,
     CgrepError: 70,
 }

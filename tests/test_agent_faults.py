@@ -514,7 +514,7 @@ def test_agent_sigkilled_mid_cycle_leaves_no_child_holding_the_target(
     try:
         committed = wait_for("the first commit", lambda: point_ids(target), 120, every=0.05)
         kids = wait_for("the cycle's processes", lambda: descendants(agent.pid), 10)
-        assert any("replica.serve" in c for c in kids.values()), kids  # the receiver, holding the target
+        assert any("server.serve" in c for c in kids.values()), kids  # the receiver, holding the target
         agent.send_signal(signal.SIGKILL)
         agent.wait()
         t0 = time.monotonic()

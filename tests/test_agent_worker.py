@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_cgrep.agent import worker
+from libvirt_cgrep.errors import InternalError, NotFoundError
 
 
 @pytest.mark.parametrize("mode", ["fork", "exec"])
@@ -92,3 +93,21 @@ def test_child_dies_with_its_sigkilled_parent(mode: str, tmp_path: Path) -> None
         assert time.monotonic() - t0 < 5, f"the {mode} child outlived its SIGKILLed parent by 5 s"
         time.sleep(0.01)
     print(f"{mode}: child gone {1000 * (time.monotonic() - t0):.0f} ms after its parent's SIGKILL")
+
+
+def not_found(what: str) -> int:
+    raise NotFoundError(f"{what} is not here")
+
+
+@pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_typed_calls_return_values_and_errors(mode: str) -> None:
+    r = worker.Runner(mode)
+    got = r.invoke(divmod, (7, 2), 60)  # a value comes back as itself, pickled over the child's connection
+    assert got.ok and got.value == (3, 1) and got.status == 0
+    got = r.invoke(not_found, ("the target",), 60)  # our error: its class and message, its exit status
+    assert (got.ok, got.error, got.message, got.status) == (False, NotFoundError, "the target is not here", 65)
+    got = r.invoke(int, ("not a number",), 60)  # anything else: an internal error
+    assert got.error is InternalError and "ValueError" in got.message and got.status == worker.EXIT_INTERNAL
+    got = r.invoke(time.sleep, (30,), 1)  # past its timeout: killed
+    assert got.error is InternalError and "died" in got.message
+    assert r.live() == []

@@ -528,7 +528,7 @@ def test_resync_reports_progress_and_refuses_points(
     """A seeding slowed to 8 MiB/s per disk: ``progress`` events (bytes copied of bytes to copy, growing), the set is
     ``syncing`` and a point asked for meanwhile is refused (nothing reaches the target); once in sync, points work
     and are consistent."""
-    from libvirt_cgrep.continuous.mirror import start_event_loop
+    from libvirt_cgrep.adapters.libvirt import start_event_loop
     from libvirt_cgrep.continuous.session import FAULT_COPY_BANDWIDTH_ENV, Options, Session
     from libvirt_cgrep.errors import StateError
     from libvirt_cgrep.replica.link import parse_target

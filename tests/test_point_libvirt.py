@@ -16,8 +16,9 @@ import pytest
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.cli import run
+from libvirt_cgrep.core.domxml import disks_of
 from libvirt_cgrep.core.model import Transaction
-from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, disks_of
+from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 from libvirt_cgrep.engine.point import FAULT_HOLD_SLEEP_ENV, take_point
 from libvirt_cgrep.errors import EXIT_CODES, CutError, LibvirtError
 from libvirt_cgrep.lab import domain as labdom

@@ -23,12 +23,13 @@ import pytest
 
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.proc import wait_listening
-from libvirt_cgrep.adapters.qmp import QMPCommandError, QMPConnection, QMPOutcomeUnknown, cont
+from libvirt_cgrep.adapters.qmp import QMPConnection, cont
 from libvirt_cgrep.core.model import Guest, Transaction
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
+from libvirt_cgrep.core.qmp import file_node_name
 from libvirt_cgrep.engine.point import take_point
-from libvirt_cgrep.engine.qmp_backend import QMPBackend, file_node_name
-from libvirt_cgrep.errors import CutError, QMPError, StateError, UsageError
+from libvirt_cgrep.engine.qmp_backend import QMPBackend
+from libvirt_cgrep.errors import CutError, QMPCommandError, QMPError, QMPOutcomeUnknown, StateError, UsageError
 from libvirt_cgrep.lab.build import GuestArtifacts
 from libvirt_cgrep.lab.check import check_images
 from libvirt_cgrep.lab.domain import read_console, wait_for_ack

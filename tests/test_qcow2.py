@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_cgrep.adapters.fs import copy_range
-from libvirt_cgrep.adapters.qcow2 import CLUSTER, Qcow2Error, Qcow2Writer, Unaligned, create_image, virtual_size
+from libvirt_cgrep.adapters.qcow2 import CLUSTER, Qcow2Writer, Unaligned, create_image, virtual_size
+from libvirt_cgrep.errors import Qcow2Error
 from libvirt_cgrep.replica.store import StagedDisk, StagedWriter
 
 MIB = 1 << 20

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ from libvirt_cgrep.lab.sshd import Sshd
 def test_scenario_checks_pass(mode: str, sshd: Sshd) -> None:
     root = labdom.lab_root() / "scenario-test"
     replica_root = labdom.lab_root() / "scenario-test-replica-site"
-    base = [sys.executable, "-m", "libvirt_cgrep.lab.scenario"]
+    base = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "scenario.py")]
     argv = [*base, "--rpo", "30s", "--points", "2", "--root", str(root)]
     env = None
     sites = ["--local"]

@@ -130,8 +130,8 @@ def replica_files(root: Path) -> tuple[set[Path], set[Path]]:
 
 def receivers(path: Path) -> list[str]:
     """Processes serving ``receive PATH`` (the local child, or the far side of an ssh link)."""
-    # the far side: 'python -m libvirt_cgrep receive PATH'; a local target: the lean 'libvirt_cgrep.replica.serve PATH'
-    pattern = f"libvirt_cgrep( receive|[.]replica[.]serve)( --[a-z-]+)* {path}$"
+    # the far side: 'python -m libvirt_cgrep receive PATH'; a local target: the lean 'libvirt_cgrep.server.serve PATH'
+    pattern = f"libvirt_cgrep( receive|[.]server[.]serve)( --[a-z-]+)* {path}$"
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
     return out.stdout.split()
 

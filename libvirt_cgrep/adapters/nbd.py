@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from libvirt_cgrep.adapters.proc import stop
-from libvirt_cgrep.errors import CommandError
+from libvirt_cgrep.errors import NBDError
 
 _NBDMAGIC = b"NBDMAGIC"
 _IHAVEOPT = 0x49484156454F5054
@@ -35,10 +35,6 @@ _INFO_EXPORT = 0
 _CMD_WRITE, _CMD_DISC, _CMD_FLUSH, _CMD_WRITE_ZEROES = 1, 2, 3, 6
 _FLAG_FIXED_NEWSTYLE, _FLAG_NO_ZEROES = 1, 2
 MAX_REQUEST = 16 << 20
-
-
-class NBDError(CommandError):
-    """The NBD server refused a request or the connection broke."""
 
 
 class NBDClient:

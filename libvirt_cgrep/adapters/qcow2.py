@@ -30,7 +30,7 @@ from array import array
 from pathlib import Path
 
 from libvirt_cgrep.adapters.fs import copy_range
-from libvirt_cgrep.errors import CommandError
+from libvirt_cgrep.errors import Qcow2Error
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -42,10 +42,6 @@ _EXT_BACKING_FORMAT = 0xE2792ACA
 _COPIED = 1 << 63
 _ZERO = 1  # L2 entry "reads as zeros" (v3)
 _RESERVED = 2  # clusters 0 (header) and 1 (refcount table) come first
-
-
-class Qcow2Error(CommandError):
-    """The image cannot be written (too big for one refcount table cluster, or I/O failed)."""
 
 
 class Unaligned(Qcow2Error):

@@ -65,6 +65,15 @@ def create_qcow2(path: Path, size: int) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], timeout=60)
 
 
+# --- recovery and continuous ---
+def create_overlay(path: Path, base: str) -> None:
+    """Create a new qcow2 overlay at ``path`` over the qcow2 image ``base`` (``base`` is only read, never written)."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, str(path)], timeout=60)
+
+
+# --- end recovery and continuous ---
+
+
 def convert_to_raw(src: Path, fmt: str, dest: Path) -> None:
     """Copy the guest-visible content of ``src`` (chain included) into a sparse raw file."""
     run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", "-S", "4k", str(src), str(dest)], timeout=600)
@@ -185,3 +194,42 @@ def content_digest(path: Path, fmt: str = "qcow2") -> str:
     if zero_run:
         outer.update(b"Z" + zero_run.to_bytes(8, "big"))
     return outer.hexdigest()
+
+
+# --------------------------------------------------------------------------- writes of our own images
+# (staged, live or point images of a target, never an image QEMU holds)
+
+
+def map_json(image: str) -> list[dict[str, Any]]:
+    """``qemu-img map -U --output=json`` of a qcow2 image (its whole chain), as qemu-img prints it."""
+    out: list[dict[str, Any]] = json.loads(run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", image], timeout=600))
+    return out
+
+
+def backing_name(path: Path) -> str | None:
+    """The backing file name recorded in ``path``'s header (as written, not resolved)."""
+    name = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(path)], timeout=60)).get("backing-filename")
+    return None if name is None else str(name)
+
+
+def create_qcow2_over(path: Path, size: int, backing: str | None = None) -> None:
+    """A new qcow2 image of ``size`` bytes over the qcow2 ``backing`` (not opened: ``-u``), or alone."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        argv += ["-u", "-F", "qcow2", "-b", backing]
+    run([*argv, str(path), str(size)], timeout=60)
+
+
+def convert_qcow2(src: Path, dest: Path) -> None:
+    """Copy ``src``'s guest-visible content (its chain flattened) into a new qcow2 image ``dest``."""
+    run(["qemu-img", "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(src), str(dest)], timeout=3600)
+
+
+def rebase_unsafe(path: Path, backing: str) -> None:
+    """Rewrite ``path``'s backing name to the qcow2 ``backing`` (the content is not compared: ``-u``)."""
+    run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, str(path)], timeout=60)
+
+
+def commit_into_backing(path: Path) -> None:
+    """Commit ``path``'s clusters into its backing image, leaving ``path`` as it was (``-d``)."""
+    run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(path)], timeout=3600)

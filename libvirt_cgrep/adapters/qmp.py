@@ -27,7 +27,7 @@ from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClien
 from qemu.qmp import QMPError as LibQMPError
 from qemu.qmp.message import Message
 
-from libvirt_cgrep.errors import QMPError
+from libvirt_cgrep.errors import QMPCommandError, QMPError, QMPOutcomeUnknown
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,6 @@ _T = TypeVar("_T")
 CONNECT_TIMEOUT = 5.0
 #: Seconds to wait for a disconnect to finish.
 DISCONNECT_TIMEOUT = 2.0
-
-
-class QMPCommandError(QMPError):
-    """QEMU executed the command and answered with an error; nothing was done by it."""
-
-    def __init__(self, message: str, error_class: str) -> None:
-        super().__init__(message)
-        self.error_class = error_class
-
-
-class QMPOutcomeUnknown(QMPError):
-    """The command was sent but no answer came (timeout, lost connection): re-query state."""
 
 
 class QMPConnection:

@@ -1,4 +1,4 @@
-"""The agent's continuous mode: one ``virt-cgrep continuous`` child per group, its events drive the group.
+"""The agent's continuous mode: one continuous-session child (``agent.session_child``) per group, its events drive the group.
 
 Guarantees:
 
@@ -29,24 +29,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
+
+from prometheus_client.core import GaugeMetricFamily
 
 from libvirt_cgrep.adapters.fs import save_file
-from libvirt_cgrep.agent import worker
-from libvirt_cgrep.agent.alerts import Alert
-
-if TYPE_CHECKING:
-    from libvirt_cgrep.agent.scheduler import Agent, Runtime
+from libvirt_cgrep.agent import session_child, worker
+from libvirt_cgrep.agent.alerts import Alert, AlertSink
+from libvirt_cgrep.agent.config import AgentConfig
+from libvirt_cgrep.agent.db import StateDB
+from libvirt_cgrep.agent.groups import Runtime
 
 log = logging.getLogger("libvirt_cgrep.agent")
 
@@ -85,8 +90,22 @@ class _Group:
     copied_bytes: int | None = None
 
 
+class Host(Protocol):
+    """What continuous mode needs of the agent that drives it."""
+
+    cfg: AgentConfig
+    db: StateDB
+    sink: AlertSink
+    runner: worker.Runner
+    stopping: bool
+
+    @property
+    def dirty(self) -> threading.Event:
+        """Set to wake the agent's loop."""
+
+
 class Continuous:
-    def __init__(self, agent: Agent, state_file: Path | None = None) -> None:
+    def __init__(self, agent: Host, state_file: Path | None = None) -> None:
         self.agent = agent
         self.groups: dict[str, _Group] = {}
         self.state_file = state_file
@@ -97,31 +116,27 @@ class Continuous:
     def _spawn(self, rt: Runtime) -> _Child:
         spec = rt.spec
         p = spec.protection
-        argv = [
-            *self.agent.runner.exec_prefix,  # a fresh interpreter: a long-lived session, not a forked cycle
-            *self.agent._cli(),
-            "continuous",
-            *spec.members,
-            "--target",
+        req = session_child.SessionRequest(
+            self.agent.cfg.uri,
+            spec.members,
             p.target,
-            "--set",
             spec.name,
-            "--interval",
-            f"{p.interval}s",
-            "--replica-timeout",
-            f"{p.replica_timeout}s",
-            "--keep",
-            str(max(1, p.keep)),
-            "--json",
-        ]
+            float(p.interval),
+            float(p.replica_timeout),
+            max(1, p.keep),
+        )
         proc = subprocess.Popen(  # stopped by stop(); SIGTERMed if the agent dies (it then ends its mirrors)
-            argv,
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-c", session_child.COMMAND],  # a fresh interpreter: a long-lived session, not a forked cycle
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             preexec_fn=functools.partial(worker.set_pdeathsig, signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # a child that died at once is seen by its reader (its exit)
+            cast(io.TextIOWrapper, proc.stdin).buffer.write(pickle.dumps(req))
+            proc.stdin.close()
         child = _Child(proc)
 
         def read() -> None:
@@ -278,8 +293,6 @@ class Continuous:
 
     def metrics(self, registry: Any) -> None:
         """Prometheus: mirror state (1 for the current one), seconds since the last point, resync bytes, write latency."""
-        from prometheus_client.core import GaugeMetricFamily
-
         agent = self
 
         class Collector:

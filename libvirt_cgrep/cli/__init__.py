@@ -121,6 +121,7 @@ _EXIT_MEANING = {
     73: "fence: a hold passed its deadline; the guardian resumed the guests",
     74: "cut: the transaction failed; every guest runs on its old chain, nothing lost",
     75: "QMP: a command failed, timed out or lost its connection",
+    76: "a manifest or record read from a replica is malformed or unsafe; nothing was changed",
     130: "interrupted",
 }
 

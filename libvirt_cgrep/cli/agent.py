@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import libvirt
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.cli.output import emit_json, print_table
 from libvirt_cgrep.core import protection as prot
 from libvirt_cgrep.core import rpo
 from libvirt_cgrep.core.names import parse_count, validate_name
-from libvirt_cgrep.errors import EXIT_OK, CgrepError, NotFoundError, StateError, UsageError
+from libvirt_cgrep.engine import protection
+from libvirt_cgrep.errors import EXIT_OK, NotFoundError, UsageError
 from libvirt_cgrep.replica.link import parse_target
 
 AGENT_HELP = """\
@@ -109,54 +107,6 @@ def register(sub: Any) -> None:
     h.set_defaults(func=cmd_history)
 
 
-def _write(dom: libvirt.virDomain, name: str, p: prot.Protection | None) -> None:
-    """Set (or with None remove) our element, live and persistent."""
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-    if p is None:
-        lv.call(
-            f"removing metadata of {name!r}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, prot.NS, flags
-        )
-    else:
-        what = f"writing metadata of {name!r}"
-        lv.call(what, dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, p.to_xml(), prot.PREFIX, prot.NS, flags)
-
-
-def _protected(conn: libvirt.virConnect) -> dict[str, tuple[libvirt.virDomain, prot.Protection]]:
-    """Every defined domain carrying a readable protection element, by name."""
-    out: dict[str, tuple[libvirt.virDomain, prot.Protection]] = {}
-    for dom in lv.call("listing domains", conn.listAllDomains, 0):
-        try:
-            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-            out[dom.name()] = (dom, prot.from_xml(xml))
-        except (libvirt.libvirtError, CgrepError):
-            continue
-    return out
-
-
-def _leave(found: dict[str, tuple[libvirt.virDomain, prot.Protection]], group: str, gone: set[str]) -> list[str]:
-    """Drop ``gone`` from the declared members of ``group``'s other members; return who was rewritten."""
-    done = []
-    for n, (dom, p) in sorted(found.items()):
-        if p.group == group and n not in gone and set(p.members) & gone:
-            _write(dom, n, replace(p, members=tuple(m for m in p.members if m not in gone)))
-            done.append(n)
-    return done
-
-
-def group_members(conn: libvirt.virConnect, group: str) -> list[str]:
-    """The members of protection group ``group``; StateError if a declared member is missing."""
-    found = {n: q for n, (_, q) in _protected(conn).items() if q.group == group}
-    if not found:
-        raise NotFoundError(f"no protected domain is in group {group!r}")
-    missing = sorted({m for q in found.values() for m in q.members} - set(found))
-    if missing:
-        raise StateError(
-            f"member {', '.join(missing)} of group {group!r} is missing: no partial group point "
-            "('virt-cgrep unprotect' takes a member out of its group)"
-        )
-    return sorted(found)
-
-
 def cmd_protect(args: argparse.Namespace) -> int:
     names = [validate_name(d, "domain name") for d in args.domains]
     if len(set(names)) != len(names):
@@ -182,35 +132,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     )
     if group and p.fence != "suspend":
         raise UsageError("a group is one consistent cut only while all its members are held: use --fence suspend")
-    conn = lv.connect(args.connect)
-    doms = [lv.lookup(conn, n) for n in names]  # every domain exists before anything is written
-    found = _protected(conn)
-    members: tuple[str, ...] = ()
-    others: list[tuple[str, libvirt.virDomain, prot.Protection]] = []
-    if group:
-        declared = set(names)
-        for n, (dom, q) in found.items():
-            if q.group != group:
-                continue
-            declared |= {n, *q.members}
-            if n not in names:
-                if (q.target, q.rpo, q.fence) != (p.target, p.rpo, p.fence):
-                    raise UsageError(
-                        f"group {group!r} member {n} has target {q.target}, RPO {rpo.format_duration(q.rpo)}, fence "
-                        f"{q.fence}: a group has one target, RPO and fence (name all its members to change them)"
-                    )
-                others.append((n, dom, q))
-        members = tuple(sorted(declared))
-    # a domain moving to another group (or to none) leaves its old group first
-    for n in names:
-        old = found.get(n)
-        if old is not None and old[1].group and old[1].group != group:
-            _leave(found, old[1].group, {n})
-    for n, dom in zip(names, doms, strict=True):
-        _write(dom, n, replace(p, members=members))
-    for n, dom, q in others:
-        if q.members != members:
-            _write(dom, n, replace(q, members=members))
+    members = protection.protect(lv.connect(args.connect), names, p)
     mode = f", continuous (a point every {rpo.format_duration(p.interval)})" if p.mode == "continuous" else ""
     what = f"target {p.target}, RPO {rpo.format_duration(p.rpo)}{mode}" + (
         f", group {group} ({', '.join(members)})" if group else ""
@@ -221,37 +143,14 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
     names = [validate_name(d, "domain name") for d in args.domains]
-    conn = lv.connect(args.connect)
-    found = _protected(conn)
-    plan: list[tuple[str, libvirt.virDomain | None, str | None]] = []
-    for name in names:
-        # a declared member whose domain or element is gone leaves its group by name
-        groups = sorted({q.group for n, (_, q) in found.items() if q.group and name in q.members and n != name})
-        try:
-            dom = lv.lookup(conn, name)
-        except NotFoundError:
-            if not groups:
-                raise
-            plan += [(name, None, g) for g in groups]
-            continue
-        try:
-            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, prot.NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                raise lv.translate(exc, "reading metadata") from exc
-            if not groups:
-                raise NotFoundError(f"{name} is not protected") from exc
-            plan += [(name, None, g) for g in groups]
-            continue
-        old = found.get(name)
-        plan.append((name, dom, old[1].group if old else None))
-    for name, dom, group in plan:
-        if dom is not None:
-            _write(dom, name, None)
-        rest = _leave(found, group, {name}) if group else []
-        left = f" and left group {group}" + (f" ({', '.join(rest)} go on without it)" if rest else "") if group else ""
-        state = "is no longer protected" if dom is not None else "was not protected any more: removed from its group"
-        print(f"{name} {state}{left} (its points stay on the target)")
+
+    def report(u: protection.Unprotected) -> None:
+        rest = u.rest
+        left = f" and left group {u.group}" + (f" ({', '.join(rest)} go on without it)" if rest else "") if u.group else ""
+        state = "is no longer protected" if u.removed else "was not protected any more: removed from its group"
+        print(f"{u.name} {state}{left} (its points stay on the target)")
+
+    protection.unprotect(lv.connect(args.connect), names, report)
     return EXIT_OK
 
 
@@ -382,7 +281,7 @@ def _recovery_state(target: str | None, group: str) -> str | None:
     if not target or not target.startswith("/"):
         return None
     from libvirt_cgrep.core.names import validate_name
-    from libvirt_cgrep.recovery.failover import journals
+    from libvirt_cgrep.recovery.journal import journals
 
     try:
         runs = [j for j in journals(Path(target), validate_name(group, "group name")) if j.state != "done"]

@@ -72,7 +72,6 @@ def register(sub: Any) -> None:
 
 def cmd_continuous(args: argparse.Namespace) -> int:
     from libvirt_cgrep.adapters import libvirt as lv
-    from libvirt_cgrep.continuous.mirror import start_event_loop
     from libvirt_cgrep.continuous.session import Options, Session
     from libvirt_cgrep.core.retention import Policy
     from libvirt_cgrep.replica.link import parse_target
@@ -97,7 +96,7 @@ def cmd_continuous(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *a: stop.set())
-    start_event_loop()
+    lv.start_event_loop()
     uri = args.connect or lv.default_uri()
     conn = lv.connect(uri)
     try:

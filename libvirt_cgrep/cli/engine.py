@@ -101,7 +101,7 @@ def backends_for(args: argparse.Namespace) -> Iterator[list[Backend]]:
                 raise UsageError("name at least one DOMAIN (or --group NAME)")
             uri = args.connect or lv.default_uri()
             if group:
-                from libvirt_cgrep.cli.agent import group_members
+                from libvirt_cgrep.engine.protection import group_members
 
                 names = group_members(lv.connect(uri), validate_name(group, "group name"))
             else:

@@ -273,7 +273,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery(args: argparse.Namespace) -> int:
-    from libvirt_cgrep.recovery.failover import all_journals
+    from libvirt_cgrep.recovery.journal import all_journals
 
     rows = [
         {

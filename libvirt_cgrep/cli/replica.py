@@ -12,7 +12,8 @@ from libvirt_cgrep.cli.output import emit_json, print_table
 from libvirt_cgrep.core.names import format_size, parse_count, parse_size, parse_targets, validate_name
 from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.errors import EXIT_OK, InconsistentError, UsageError
-from libvirt_cgrep.replica.link import Link, parse_target
+from libvirt_cgrep.replica.client import Client
+from libvirt_cgrep.replica.link import parse_target
 
 SYNC_HELP = """\
 Run one replication cycle for DOMAIN(s): take a consistent point (as 'point'
@@ -139,18 +140,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sets(link: Link, only: str | None) -> list[str]:
+def _sets(link: Client, only: str | None) -> list[str]:
     if only:
         return [validate_name(only, "set name")]
-    sets: list[str] = link.request({"op": "sets"})["sets"]
-    return sets
+    return list(link.sets())
 
 
 def cmd_points(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
-    link = Link(target, readonly=True)
+    link = Client(target, readonly=True)
     try:
-        listing = [p for s in _sets(link, args.set) for p in link.request({"op": "points", "set": s})["listing"]]
+        listing = [p for s in _sets(link, args.set) for p in link.points(s).listing]
     finally:
         link.close()
     if args.json:
@@ -176,14 +176,11 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
-    link = Link(target, readonly=True)
+    link = Client(target, readonly=True)
     try:
         results = []
         for s in _sets(link, args.set):
-            req: dict[str, Any] = {"op": "verify", "set": s, "write_order": args.write_order}
-            if args.point:
-                req["point"] = args.point
-            results += [{"set": s, **r} for r in link.request(req)["results"]]
+            results += [{"set": s, **r} for r in link.verify(s, write_order=args.write_order, point=args.point or None).results]
     finally:
         link.close()
     bad = [r for r in results if not r["ok"]]
@@ -202,7 +199,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from libvirt_cgrep.replica.receiver import serve
+    from libvirt_cgrep.server.failback import failback_start
+    from libvirt_cgrep.server.receiver import serve
 
     target = parse_target(args.path)
     if target.host:
@@ -210,9 +208,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if args.serve:
         if args.read_only:
             raise UsageError("--serve and --read-only exclude each other")
-        from libvirt_cgrep.replica.live import serve as serve_continuous
+        from libvirt_cgrep.server.live import serve as serve_continuous
 
         return serve_continuous(Path(target.path), sys.stdin.buffer, sys.stdout.buffer)
-    # stdin unbuffered: data payloads are spliced from the pipe into the image (see replica.receiver)
+    # stdin unbuffered: data payloads are spliced from the pipe into the image (see server.receiver)
     inp = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - the process's stdin
-    return serve(Path(target.path), inp, sys.stdout.buffer, readonly=args.read_only)
+    return serve(Path(target.path), inp, sys.stdout.buffer, readonly=args.read_only, failback=failback_start)

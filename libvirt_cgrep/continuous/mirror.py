@@ -12,44 +12,13 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from xml.sax.saxutils import quoteattr
 
-import libvirt
-
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.errors import LibvirtError
-
-COPY_FLAGS = (
-    libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
-    | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-    | libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
-)
-_STATUS = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "gone",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "cancelled",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
-}
-
-_LOOP = threading.Event()
-
-
-def start_event_loop() -> None:
-    """libvirt's default event loop in a daemon thread; call before opening the connection."""
-    if _LOOP.is_set():
-        return
-    _LOOP.set()
-    libvirt.virEventRegisterDefaultImpl()
-
-    def loop() -> None:
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
 
 
 def nbd_disk_xml(socket: str, export: str) -> str:
@@ -65,21 +34,18 @@ class Mirrors:
     """The copy jobs of one domain. ``on_change(domain, target, state)`` runs in the event thread."""
 
     def __init__(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, targets: Sequence[str], on_change: Callable[[str, str, str], None]
+        self, conn: lv.Connection, dom: lv.Domain, targets: Sequence[str], on_change: Callable[[str, str, str], None]
     ) -> None:
         self.conn = conn
         self.dom = dom
-        self.name = dom.name()
+        self.name = lv.domain_name(dom)
         self.states: dict[str, str] = dict.fromkeys(targets, "starting")
         self.failures = 0
         #: the domain stopped (a lifecycle event): its jobs ended with it
         self.stopped = False
         self.lock = threading.Lock()
         self.on_change = on_change
-        self._ids = [
-            conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._job_event, None),
-            conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None),
-        ]
+        self._ids = lv.watch_copy_jobs(conn, dom, self._set, self._stopped)
 
     def _set(self, target: str, state: str) -> None:
         with self.lock:
@@ -94,15 +60,10 @@ class Mirrors:
         if prev != state:
             self.on_change(self.name, target, state)
 
-    def _job_event(self, conn: object, dom: object, disk: str, kind: int, status: int, opaque: object) -> None:  # noqa: PLR0917 - libvirt's callback
-        if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
-            self._set(disk, _STATUS.get(status, "syncing"))
-
-    def _lifecycle(self, conn: object, dom: object, event: int, detail: int, opaque: object) -> None:
-        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_CRASHED):
-            self.stopped = True
-            for t in list(self.states):
-                self._set(t, "gone")
+    def _stopped(self) -> None:
+        self.stopped = True
+        for t in list(self.states):
+            self._set(t, "gone")
 
     def start(self, socket: str, exports: Mapping[str, str], bandwidth: int | None = None, *, shallow: bool = False) -> None:
         """One ``virDomainBlockCopy`` per disk into its export; LibvirtError (jobs started so far aborted) on failure.
@@ -110,21 +71,17 @@ class Mirrors:
         ``bandwidth`` (bytes/s) limits each job's background copy (tests: a seeding that lasts).
         ``shallow`` copies only the active image (the export's backing already holds the rest).
         """
-        started: list[str] = []
-        params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
-        flags = COPY_FLAGS | (libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW if shallow else 0)
         try:
             for target in self.states:
                 self._set(target, "syncing")
-                lv.call(
+                lv.block_copy(
+                    self.dom,
                     f"{self.name}/{target}: block copy",
-                    self.dom.blockCopy,
                     target,
                     nbd_disk_xml(socket, exports[target]),
-                    params,
-                    flags,
+                    bandwidth,
+                    shallow=shallow,
                 )
-                started.append(target)
         except BaseException:
             self.abort()
             raise
@@ -140,35 +97,24 @@ class Mirrors:
         """
         done = total = 0
         for target in self.states:
-            with contextlib.suppress(libvirt.libvirtError):
-                info = self.dom.blockJobInfo(target, 0)
-                if info and info.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
-                    done += int(info.get("cur", 0))
-                    total += int(info.get("end", 0))
+            job = lv.copy_job(self.dom, target)
+            if job is not None:
+                done += job[0]
+                total += job[1]
         return done, total
 
     def write_stats(self) -> tuple[int, int]:
         """(write operations, their total time in ns) of the domain's mirrored disks, QEMU's counters, asked now."""
         ops = ns = 0
         for target in self.states:
-            with contextlib.suppress(libvirt.libvirtError):
-                st = self.dom.blockStatsFlags(target, 0)
-                ops += int(st.get("wr_operations", 0))
-                ns += int(st.get("wr_total_times", 0))
+            o, n = lv.write_stats(self.dom, target)
+            ops += o
+            ns += n
         return ops, ns
 
     def check_jobs(self) -> list[str]:
         """Disks whose copy job QEMU no longer runs (asked now: libvirt queries QEMU's block jobs)."""
-        bad = []
-        for target in self.states:
-            try:
-                info = self.dom.blockJobInfo(target, 0)
-            except libvirt.libvirtError:
-                bad.append(target)
-                continue
-            if not info or info.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
-                bad.append(target)
-        return bad
+        return [target for target in self.states if lv.copy_job(self.dom, target) is None]
 
     def wait_ready(self, timeout: float, tick: Callable[[], None]) -> None:
         """Until every job is READY; LibvirtError if one fails or the timeout passes. ``tick`` runs every 0.1 s."""
@@ -188,11 +134,8 @@ class Mirrors:
     def abort(self) -> None:
         """Cancel every job still running (never a pivot: the domain stays on its own images). Never raises."""
         for target in self.states:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.dom.blockJobAbort(target, 0)
+            lv.abort_block_job(self.dom, target)
 
     def close(self) -> None:
-        for i in self._ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.conn.domainEventDeregisterAny(i)
+        lv.unwatch(self.conn, self._ids)
         self._ids = []

@@ -20,20 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-import libvirt
-
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core import continuous as cc
-from libvirt_cgrep.engine.fold import fold, live_chain
-from libvirt_cgrep.engine.libvirt_backend import disks_of
+from libvirt_cgrep.core.domxml import disks_of
+from libvirt_cgrep.engine.fold import fold
 from libvirt_cgrep.errors import StateError
-
-OVERLAY_FLAGS = (
-    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-)
 
 
 def file_id(path: str) -> cc.FileId | None:
@@ -45,14 +37,14 @@ def file_id(path: str) -> cc.FileId | None:
     return cc.FileId(path, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
-def chains(dom: libvirt.virDomain, targets: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def chains(dom: lv.Domain, targets: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Each target's chain, active image first, as real paths: running or shut off alike.
 
     The active image is the definition's (live if running, else persistent);
     the images below it are read from the headers (a shut-off domain's
     definition names no backing chain).
     """
-    xml = lv.live_xml(dom) if dom.isActive() else lv.persistent_xml(dom)
+    xml = lv.live_xml(dom) if lv.is_active(dom) else lv.persistent_xml(dom)
     tops = {d.target: d.image for d in disks_of(xml)}
     out: dict[str, tuple[str, ...]] = {}
     for t in targets:
@@ -65,10 +57,11 @@ def chains(dom: libvirt.virDomain, targets: Sequence[str]) -> dict[str, tuple[st
     return out
 
 
-def add_overlays(dom: libvirt.virDomain, overlays: Mapping[str, str]) -> None:
+def add_overlays(dom: lv.Domain, overlays: Mapping[str, str]) -> None:
     """One external disk-only snapshot of the shut-off domain: ``overlays`` {target: new active image}."""
-    if dom.isActive():
-        raise StateError(f"{dom.name()} is running again: no overlay added")
+    name = lv.domain_name(dom)
+    if lv.is_active(dom):
+        raise StateError(f"{name} is running again: no overlay added")
     all_targets = [d.target for d in disks_of(lv.persistent_xml(dom))]
     parts = []
     for t in all_targets:
@@ -80,12 +73,12 @@ def add_overlays(dom: libvirt.virDomain, overlays: Mapping[str, str]) -> None:
         else:
             parts.append(f"<disk name='{t}' snapshot='no'/>")
     xml = f"<domainsnapshot><description>virt-cgrep restart</description><disks>{''.join(parts)}</disks></domainsnapshot>"
-    lv.call(f"adding restart overlays to {dom.name()!r}", dom.snapshotCreateXML, xml, OVERLAY_FLAGS)
+    lv.snapshot_disk_only(dom, f"adding restart overlays to {name!r}", xml)
 
 
-def fold_previous(dom: libvirt.virDomain, target: str) -> str | None:
+def fold_previous(dom: lv.Domain, target: str) -> str | None:
     """Fold a previous restart's overlay below the active image into the image below it; what was folded, or None."""
-    plan = cc.fold_plan(live_chain(dom, target))
+    plan = cc.fold_plan(lv.live_chain(dom, target))
     if plan is None:
         return None
     base, top = plan

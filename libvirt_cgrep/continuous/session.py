@@ -13,7 +13,7 @@ Guarantees:
   target write surfaces as a job failure within QEMU's 100 ms job slice):
   so every write acknowledged before the cut is in the point, on every disk;
 - the replica flushes the frozen images inside its transaction and fsyncs
-  them before the manifest (replica/live.py): a committed point is durable;
+  them before the manifest (server/live.py): a committed point is durable;
 - libvirtd's connection closing (libvirtd restarted or killed) ends the
   session at once with a ``degraded`` event: without it no job event can be
   seen, so no point may be committed (the jobs themselves end with the
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -41,11 +42,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import libvirt
-
-from libvirt_cgrep.adapters import qemu_img
+from libvirt_cgrep.adapters import faults, qemu_img
+from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters.proc import wait_listening
 from libvirt_cgrep.continuous import restart
 from libvirt_cgrep.continuous.mirror import Mirrors
@@ -55,17 +55,19 @@ from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.plan import point_id as make_point_id
 from libvirt_cgrep.core.plan import select_disks
 from libvirt_cgrep.core.retention import Policy
-from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, qemu_owner
+from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 from libvirt_cgrep.errors import CgrepError, NotFoundError, StateError, UsageError
-from libvirt_cgrep.replica.link import Link, Target, ssh_argv
-from libvirt_cgrep.replica.receiver import manifest_to_dict
+from libvirt_cgrep.replica import protocol as proto
+from libvirt_cgrep.replica.client import Client
+from libvirt_cgrep.replica.link import Target, ssh_argv
 
 Emit = Callable[[dict[str, Any]], None]
+R = TypeVar("R")
 PING_S = 0.5
 #: Seconds between two ``progress`` events while syncing.
 PROGRESS_S = 1.0
 #: Limits each copy job's background copy to this many bytes/s (tests: a seeding that lasts).
-FAULT_COPY_BANDWIDTH_ENV = "CGREP_FAULT_COPY_BANDWIDTH"
+FAULT_COPY_BANDWIDTH_ENV = faults.env_name("COPY_BANDWIDTH")
 #: After one domain of a set stopped, how long the others have to stop too (then: a final point, no recopy).
 STOP_WAIT_S = 30.0
 #: Deadline of requests that do real work on the replica (start, commit: checksums; prune: merges).
@@ -97,7 +99,7 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
 class Session:
     def __init__(
         self,
-        conn: libvirt.virConnect,
+        conn: lv.Connection,
         uri: str,
         names: Sequence[str],
         target: Target,
@@ -116,7 +118,7 @@ class Session:
         self.emit = emit
         self.set_name = validate_name(set_name or names[0], "set name")
         self.backends = [LibvirtBackend(conn, n, uri) for n in names]
-        self.link: Link | None = None
+        self.link: Client | None = None
         self.forwarder: subprocess.Popen[bytes] | None = None
         self.fwd_dir: Path | None = None
         self.daemon_pid: int | None = None
@@ -133,7 +135,7 @@ class Session:
     def _on_change(self, domain: str, target: str, state: str) -> None:
         self.wake.set()
 
-    def _conn_closed(self, conn: object, reason: int, opaque: object) -> None:
+    def _conn_closed(self, reason: int) -> None:
         self.lost = f"the connection to libvirtd closed (reason {reason}): job events can no longer be seen"
         self.wake.set()
 
@@ -169,11 +171,11 @@ class Session:
                 os.kill(self.daemon_pid, signal.SIGKILL)
         self.wake.set()
 
-    def _request(self, msg: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
+    def _request(self, req: proto.Request[R], seconds: float | None = None) -> R:
         """A request under a deadline: pings and cuts get the replica timeout; long work (start, commit) ``seconds``."""
         assert self.link is not None
-        with self._deadline(str(msg.get("op")), seconds):
-            return self.link.request(msg)
+        with self._deadline(req.OP, seconds):
+            return self.link.request(req)
 
     def _states(self) -> tuple[dict[str, str], int]:
         states: dict[str, str] = {}
@@ -199,7 +201,7 @@ class Session:
         self.forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # QEMU connects to it later: wait until ssh listens, not only until the file exists.
         wait_listening([local], self.forwarder, what=f"the ssh forwarding to {self.target}", timeout=15.0)
-        owner = qemu_owner()
+        owner = lv.qemu_owner()
         if owner is not None:
             with contextlib.suppress(PermissionError):
                 os.chown(local, *owner)
@@ -209,44 +211,43 @@ class Session:
     def start(self) -> None:
         for b in self.backends:
             b.require_running()
-        with contextlib.suppress(libvirt.libvirtError):  # one close callback per connection: the session owns it
-            self.conn.registerCloseCallback(self._conn_closed, None)
+        lv.on_close(self.conn, self._conn_closed)  # one close callback per connection: the session owns it
         disks: list[tuple[str, str, int]] = []
         per_dom: dict[str, list[str]] = {}
         for b in self.backends:
             for d in select_disks(b.discover()):
-                size = int(b.dom.blockInfo(d.target)[0])
+                size = int(lv.call(f"{b.name}/{d.target}: reading the disk's size", b.dom.blockInfo, d.target)[0])
                 disks.append((b.name, d.target, size))
                 per_dom.setdefault(b.name, []).append(d.target)
-        self.link = Link(self.target, serve=True)
+        self.link = Client(self.target, serve=True)
         resume, why = self._resume_plan(per_dom)
         # A previous restart's overlay below the active image is folded down first (libvirt's block commit;
         # the guest keeps writing): a disk's chain grows by at most one overlay per restart.
         folded = [f for b in self.backends for t in per_dom[b.name] if (f := restart.fold_previous(b.dom, t))]
-        start = {"op": "start", "set": self.set_name, "disks": disks, "writethrough": self.opts.writethrough}
-        reply: dict[str, Any] | None = None
+        start = proto.Start(self.set_name, tuple(disks), self.opts.writethrough)
+        reply: proto.StartReply | None = None
         if resume is not None:
             try:
-                reply = self._request({**start, "resume": resume}, LONG_S)
+                reply = self._request(dataclasses.replace(start, resume=resume), LONG_S)
             except _Broken:
                 raise
             except CgrepError as exc:
                 resume, why = None, f"the replica cannot restart from {resume}: {exc}"
         if reply is None:
             reply = self._request(start, LONG_S)
-        socket = str(reply["socket"])
+        socket = reply.socket
         if self.target.host is None:
-            self.daemon_pid = int(reply["pid"])
+            self.daemon_pid = reply.pid
         else:
             socket = self._forward(socket)
-        exports = {(d, t): e for d, t, e in reply["exports"]}
+        exports = {(d, t): e for d, t, e in reply.exports}
         self.emit(
             {
                 "event": "syncing",
                 "set": self.set_name,
                 "disks": len(disks),
                 "writethrough": self.opts.writethrough,
-                "daemon_pid": int(reply["pid"]),  # on the replica host
+                "daemon_pid": reply.pid,  # on the replica host
                 "forwarder_pid": self.forwarder.pid if self.forwarder else None,
                 "resume": resume,  # the final point the replica restarts from: only the disks' new tops are copied
                 "full_copy_reason": why,
@@ -254,7 +255,7 @@ class Session:
             }
         )
         t0 = time.monotonic()
-        bandwidth = int(os.environ.get(FAULT_COPY_BANDWIDTH_ENV) or 0) or None
+        bandwidth = int(faults.number("COPY_BANDWIDTH")) or None
         for b in self.backends:
             m = Mirrors(self.conn, b.dom, per_dom[b.name], self._on_change)
             self.mirrors.append(m)
@@ -277,7 +278,7 @@ class Session:
     def _resume_plan(self, per_dom: dict[str, list[str]]) -> tuple[str | None, str | None]:
         """(final point to restart from, None) if every disk may skip the full copy, else (None, why not)."""
         try:
-            pts = self._request({"op": "points", "set": self.set_name}, LONG_S)["points"]
+            pts = self._request(proto.Points(self.set_name), LONG_S).points
         except _Broken:
             raise
         except CgrepError as exc:
@@ -285,11 +286,11 @@ class Session:
         if not pts:
             return None, "the replica holds no point of the set yet"
         newest = pts[-1]
-        record = cc.resume_from_dict((newest.get("extra") or {}).get("resume"))
+        record = cc.resume_from_dict((newest.extra or {}).get("resume"))
         chains = self._chains(per_dom)
         ids = {p: restart.file_id(p) for c in chains.values() for p in c[1:]}
         why = cc.check_resume(record, chains, ids)
-        return (None, why) if why else (str(newest["point_id"]), None)
+        return (None, why) if why else (newest.point_id, None)
 
     def _chains(self, per_dom: dict[str, list[str]]) -> dict[tuple[str, str], tuple[str, ...]]:
         """Each protected disk's chain, active image first, as real paths: {(domain, target): chain}."""
@@ -333,10 +334,10 @@ class Session:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             t0 = time.monotonic()
             mine_f = pool.submit(lambda: {f"{d}/{t}": qemu_img.content_digest(Path(c[0])) for (d, t), c in chains.items()})
-            reply = self._request({"op": "final", "point_id": pid}, LONG_S)
+            final = self._request(proto.Final(pid), LONG_S)
             mine = mine_f.result()
             digest_s = time.monotonic() - t0
-        theirs = reply["digests"]
+        theirs = final.digests
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise StateError(
@@ -351,7 +352,7 @@ class Session:
             for (d, t), c in chains.items()
         ]
         draft = self._manifest(pid, now, {"mode": "continuous", "final": True, "resume": cc.resume_to_dict(records)})
-        committed = self._request({"op": "commit", "manifest": manifest_to_dict(draft)}, LONG_S)
+        committed = self._request(proto.Commit(draft), LONG_S)
         self.points += 1
         self.emit(
             {
@@ -360,7 +361,7 @@ class Session:
                 "point_id": pid,
                 "time_utc": draft.time_utc,
                 "cut_ms": 0.0,
-                "commit_ms": committed["commit_ms"],
+                "commit_ms": committed.commit_ms,
                 "final": True,
                 "digest_s": round(digest_s, 3),
                 "pruned": [],
@@ -396,7 +397,7 @@ class Session:
         now = time.monotonic()
         if now - getattr(self, "_last_ping", 0.0) >= PING_S:
             self._last_ping = now
-            self._request({"op": "ping", "timeout": self.opts.replica_timeout})
+            self._request(proto.Ping(self.opts.replica_timeout))
 
     def keepalive(self) -> None:
         """Ping the replica (at most every PING_S): a caller driving :meth:`point` itself calls this meanwhile.
@@ -414,27 +415,20 @@ class Session:
         # acknowledged until then (conservative for the RPO).
         now = datetime.now(UTC)
         pid = make_point_id(now)
-        prep = self._request({"op": "prepare", "point_id": pid}, LONG_S)  # qemu-img only: slow under load, no daemon
-        cut = self._request({"op": "cut", "point_id": pid})  # the daemon: replica timeout
+        prep = self._request(proto.Prepare(pid), LONG_S)  # qemu-img only: slow under load, no daemon
+        cut = self._request(proto.Cut(pid))  # the daemon: replica timeout
         time.sleep(self.opts.grace)
         states2, failures2 = self._states()
         bad = [t for m in self.mirrors for t in m.check_jobs()]
         self._check_conn()
         if failures2 != failures or cc.mirror_state(states2) != "in-sync" or bad:
             raise StateError(f"a mirror left READY around the cut of {pid}: point not committed ({states2}, gone: {bad})")
-        draft = self._manifest(pid, now, {"mode": "continuous", "cut_ms": cut["cut_ms"], "prepare_ms": prep["prepare_ms"]})
-        reply = self._request({"op": "commit", "manifest": manifest_to_dict(draft)}, LONG_S)
+        draft = self._manifest(pid, now, {"mode": "continuous", "cut_ms": cut.cut_ms, "prepare_ms": prep.prepare_ms})
+        reply = self._request(proto.Commit(draft), LONG_S)
         pruned: list[str] = []
         if self.opts.policy is not None:
             pol = self.opts.policy
-            pruned = self._request(
-                {
-                    "op": "prune",
-                    "policy": {"keep_last": pol.keep_last, "keep_hourly": pol.keep_hourly, "keep_daily": pol.keep_daily},
-                    "now": now.isoformat(),
-                },
-                LONG_S,
-            )["deleted"]
+            pruned = list(self._request(proto.Prune(pol, now=now.isoformat()), LONG_S).deleted)
         self.points += 1
         self.last_point = time.monotonic()
         wstats = self.write_stats()
@@ -445,10 +439,10 @@ class Session:
             "set": self.set_name,
             "point_id": pid,
             "time_utc": draft.time_utc,
-            "cut_ms": cut["cut_ms"],
-            "prepare_ms": prep["prepare_ms"],
-            "preflush_ms": cut["preflush_ms"],
-            "commit_ms": reply["commit_ms"],
+            "cut_ms": cut.cut_ms,
+            "prepare_ms": prep.prepare_ms,
+            "preflush_ms": cut.preflush_ms,
+            "commit_ms": reply.commit_ms,
             "write_ms": None if write_ms is None else round(write_ms, 3),
             "pruned": pruned,
         }
@@ -528,8 +522,7 @@ class Session:
         for m in self.mirrors:
             m.abort()
             m.close()
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.unregisterCloseCallback()
+        lv.clear_on_close(self.conn)
         if self.link is not None:
             if self.link.proc.poll() is None:
                 self.link.close()  # 'bye': the receiver stops its daemon and discards the live images (killed after 30 s)

@@ -141,3 +141,14 @@ def parse(data: bytes, *, committed: bool = True) -> Manifest:
         if not _safe_rel(disk.image) or (disk.backing is not None and not _safe_rel(disk.backing)):
             raise ManifestError(f"manifest {m.point_id}: image path outside the target: {disk.image!r}")
     return m
+
+
+def manifest_to_dict(m: Manifest) -> dict[str, Any]:
+    """The manifest as the JSON object it is written as (the stream carries it so)."""
+    d: dict[str, Any] = json.loads(m.to_json())
+    return d
+
+
+def manifest_from_dict(d: dict[str, Any], *, committed: bool = True) -> Manifest:
+    """Parse a manifest received as a JSON object; ManifestError as :func:`parse`."""
+    return parse(json.dumps(d).encode(), committed=committed)

@@ -15,14 +15,15 @@ cycles instead of silently shrinking the group.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
 from libvirt_cgrep.core.names import validate_name
-from libvirt_cgrep.core.rpo import MAX_RPO, MIN_RPO
-from libvirt_cgrep.errors import UsageError
+from libvirt_cgrep.core.rpo import MAX_RPO, MIN_RPO, format_duration
+from libvirt_cgrep.errors import StateError, UsageError
 
 NS = "urn:x-libvirt-cgrep:protection:1"
 PREFIX = "cgrep"
@@ -135,3 +136,41 @@ def from_domain_xml(xml: str) -> Protection | None:
     if el is None:
         return None
     return from_xml(etree.tostring(el).decode())
+
+
+def group_problem(members: Sequence[Protection]) -> str | None:
+    """Why the protections of one group's found members cannot make one group (None: they can).
+
+    A group has one target, RPO and fence, and several domains are one cut only under fence suspend.
+    """
+    if not members:
+        return None
+    first = members[0]
+    if any((m.target, m.rpo, m.fence) != (first.target, first.rpo, first.fence) for m in members):
+        return "members disagree on target, RPO or fence"
+    if len(members) > 1 and first.fence != "suspend":
+        return "a group of several domains needs fence suspend"
+    return None
+
+
+def missing_members(found: Mapping[str, Protection]) -> tuple[str, ...]:
+    """Declared members of a group (``found``: its members found, by name) that were not found, sorted."""
+    declared = {d for p in found.values() if p.group for d in p.members}
+    return tuple(sorted(declared - set(found)))
+
+
+def check_joins(group: str, name: str, have: Protection, new: Protection) -> None:
+    """UsageError unless member ``name`` of ``group`` (protected as ``have``) agrees with ``new`` on target, RPO, fence."""
+    if (have.target, have.rpo, have.fence) != (new.target, new.rpo, new.fence):
+        raise UsageError(
+            f"group {group!r} member {name} has target {have.target}, RPO {format_duration(have.rpo)}, fence "
+            f"{have.fence}: a group has one target, RPO and fence (name all its members to change them)"
+        )
+
+
+def missing_error(group: str, missing: Sequence[str]) -> StateError:
+    """The error of a group cycle or lookup while declared members are missing."""
+    return StateError(
+        f"member {', '.join(missing)} of group {group!r} is missing: no partial group point "
+        "('virt-cgrep unprotect' takes a member out of its group)"
+    )

@@ -19,7 +19,6 @@ Guest specs: ``libvirt:URI:DOMAIN`` or ``qmp:SOCKET``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import select
@@ -30,7 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from libvirt_cgrep.errors import FenceError, UsageError
+from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.adapters.qmp import cont
+from libvirt_cgrep.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_OK, CgrepError, FenceError, UsageError
 
 READY_TIMEOUT = 15.0
 
@@ -38,35 +39,39 @@ READY_TIMEOUT = 15.0
 #: How long a guardian keeps trying to reach libvirtd again to resume a guest.
 RECONNECT_S = 120.0
 
+#: The guardian's exit statuses, from the one table of errors.py.
+#: ``done`` came first: the parent resumed the guests itself.
+EXIT_RELEASED = EXIT_OK
+#: The deadline passed: the guardian resumed the guests (a FenceError for the holder).
+EXIT_FIRED = EXIT_CODES[FenceError]
+#: The parent died (its end of the pipe closed) before ``done``: the guardian resumed the guests.
+EXIT_HOLDER_GONE = EXIT_CODES[FenceError]
+#: SIGTERM, SIGHUP or SIGINT: the guardian resumed the guests and stopped.
+EXIT_SIGNALLED = EXIT_INTERRUPTED
+
 
 def _libvirt_resumer(uri: str, name: str) -> Callable[[], None]:
     """Resume through the connection opened at start; if libvirtd restarted since, reconnect until it works."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    dom = conn.lookupByName(name)
-
-    def once(d: libvirt.virDomain) -> None:
-        st, _ = d.state()
-        if st == libvirt.VIR_DOMAIN_PAUSED:
-            d.resume()
+    conn = lv.connect(uri)
+    dom = lv.lookup(conn, name)
+    what = f"resuming {name!r}"
 
     def resume() -> None:
         try:
-            once(dom)
+            lv.resume_if_paused(dom, what)
             return
-        except libvirt.libvirtError:
+        except CgrepError:
             pass
         end = time.monotonic() + RECONNECT_S
         while True:
             try:
-                fresh = libvirt.open(uri)
+                fresh = lv.connect(uri)
                 try:
-                    once(fresh.lookupByName(name))
+                    lv.resume_if_paused(lv.lookup(fresh, name), what)
                     return
                 finally:
-                    fresh.close()
-            except libvirt.libvirtError:
+                    lv.close(fresh)
+            except CgrepError:
                 if time.monotonic() > end:
                     raise
                 time.sleep(0.2)
@@ -75,8 +80,6 @@ def _libvirt_resumer(uri: str, name: str) -> Callable[[], None]:
 
 
 def _qmp_resumer(socket: str) -> Callable[[], None]:
-    from libvirt_cgrep.adapters.qmp import cont
-
     return lambda: cont(socket)
 
 
@@ -97,14 +100,14 @@ def _resume_all(resumers: Sequence[Callable[[], None]]) -> None:
 
 
 def serve(specs: Sequence[str], deadline_ms: float, stdin: int, out: Callable[[str], None]) -> int:
-    """The guardian's loop; returns its exit status (0 released, 3 fired, 4 parent died, 5 signalled)."""
+    """The guardian's loop; returns its exit status (:data:`EXIT_RELEASED`, :data:`EXIT_FIRED`, :data:`EXIT_HOLDER_GONE`)."""
     resumers = [_resumer(s) for s in specs]
 
     def on_signal(signum: int, frame: object) -> None:
         # Being told to stop (systemd stopping the agent's cgroup, an operator's kill)
         # must never leave a guest paused: resume first, then go.
         _resume_all(resumers)
-        os._exit(5)
+        os._exit(EXIT_SIGNALLED)
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, on_signal)
@@ -117,11 +120,11 @@ def serve(specs: Sequence[str], deadline_ms: float, stdin: int, out: Callable[[s
         if not ready:
             _resume_all(resumers)
             out("fired")
-            return 3
+            return EXIT_FIRED
         chunk = os.read(stdin, 64)
         if not chunk:
             _resume_all(resumers)
-            return 4
+            return EXIT_HOLDER_GONE
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
@@ -129,24 +132,7 @@ def serve(specs: Sequence[str], deadline_ms: float, stdin: int, out: Callable[[s
             if word == "armed" and deadline is None:
                 deadline = time.monotonic() + deadline_ms / 1000.0
             elif word == "done":
-                return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="virt-cgrep-guardian")
-    p.add_argument("--deadline-ms", type=float, required=True)
-    p.add_argument("specs", nargs="+")
-    args = p.parse_args(argv)
-
-    def out(word: str) -> None:
-        sys.stdout.write(word + "\n")
-        sys.stdout.flush()
-
-    try:
-        return serve(args.specs, args.deadline_ms, sys.stdin.fileno(), out)
-    except Exception as exc:
-        sys.stderr.write(f"guardian: {exc}\n")
-        return 2
+                return EXIT_RELEASED
 
 
 class Guardian:
@@ -177,10 +163,18 @@ class Guardian:
         return self
 
     def _send(self, word: str) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
+        assert self.proc is not None
+        if self.proc.stdin is None:
+            return
+        try:
             self.proc.stdin.write(word.encode() + b"\n")
             self.proc.stdin.flush()
+        except BrokenPipeError:
+            # The guardian has exited (its deadline fired): drop the pipe now, with what is still buffered in it,
+            # so that nothing tries to flush it again when the file object is collected.
+            stdin, self.proc.stdin = self.proc.stdin, None
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
 
     def arm(self) -> None:
         """The hold starts now."""

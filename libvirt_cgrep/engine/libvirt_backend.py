@@ -19,140 +19,24 @@ overlays keep that owner after the domain stops.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
-
-import libvirt
-from lxml import etree
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qcow2
 from libvirt_cgrep.adapters.fs import fsync_all, fsync_dir
-from libvirt_cgrep.core.model import Disk, DiskCut, Guest, GuestCut, Transaction
+from libvirt_cgrep.adapters.libvirt import SNAPSHOT_FLAGS, qemu_owner
+from libvirt_cgrep.core.domxml import disks_of, snapshot_xml
+from libvirt_cgrep.core.model import DiskCut, Guest, GuestCut, Transaction
+from libvirt_cgrep.engine.fold import fold
 from libvirt_cgrep.errors import CgrepError, CutError, LibvirtError, StateError
 
-SNAPSHOT_FLAGS = (
-    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
-)
-
-
-def _chain(disk: etree._Element) -> tuple[str, ...]:
-    out: list[str] = []
-    node: etree._Element | None = disk
-    while node is not None:
-        src = node.find("source")
-        path = None if src is None else (src.get("file") or src.get("dev"))
-        if path is None:
-            break
-        out.append(path)
-        node = node.find("backingStore")
-    return tuple(out)
-
-
-def disks_of(xml: str) -> tuple[Disk, ...]:
-    """Every ``<disk>`` of a (live) domain XML, with its chain and, if unsupported, why. Pure."""
-    root = etree.fromstring(xml.encode())
-    out: list[Disk] = []
-    for d in root.iterfind("devices/disk"):
-        tgt = d.find("target")
-        drv = d.find("driver")
-        target = tgt.get("dev", "?") if tgt is not None else "?"
-        fmt = (drv.get("type") if drv is not None else None) or "raw"
-        chain = _chain(d)
-        reason = None
-        if d.get("device", "disk") != "disk":
-            reason = f"{d.get('device')} device"
-        elif d.get("type", "file") != "file":
-            reason = f"{d.get('type')} disk (only file-backed disks are supported)"
-        elif not chain:
-            reason = "no medium"
-        elif d.find("readonly") is not None:
-            reason = "read-only"
-        elif d.find("shareable") is not None:
-            reason = "shareable"
-        elif fmt != "qcow2":
-            reason = f"{fmt} image (qcow2 is required)"
-        out.append(
-            Disk(
-                target=target,
-                image=chain[0] if chain else "",
-                format=fmt,
-                chain=chain,
-                node=None,
-                device=d.get("device", "disk"),
-                supported=reason is None,
-                reason=reason,
-            )
-        )
-    return tuple(out)
-
-
-def snapshot_xml(txn: Transaction, all_targets: Sequence[str], *, relabel: bool = True) -> str:
-    """The ``<domainsnapshot>`` for one atomic cut of ``txn`` (other disks: ``snapshot='no'``). Pure.
-
-    ``relabel=False`` adds ``<seclabel model='dac' relabel='no'/>`` to each new
-    source: libvirt then leaves the overlay's ownership alone (it must already
-    belong to QEMU's user).
-    """
-    chosen = {a.target: a for a in txn.actions}
-    seclabel = "" if relabel else "<seclabel model='dac' relabel='no'/>"
-    parts = []
-    for t in all_targets:
-        a = chosen.get(t)
-        if a is None:
-            parts.append(f"<disk name='{t}' snapshot='no'/>")
-        else:
-            parts.append(
-                f"<disk name='{t}' snapshot='external' type='file'><driver type='qcow2'/>"
-                f"<source file={quoteattr(a.overlay)}>{seclabel}</source></disk>"
-            )
-    return f"<domainsnapshot><description>virt-cgrep point</description><disks>{''.join(parts)}</disks></domainsnapshot>"
-
-
-QEMU_CONF = "/etc/libvirt/qemu.conf"
-#: Debian's build default for ``user`` and ``group`` in qemu.conf.
-DEFAULT_QEMU_USER = "libvirt-qemu"
-_CONF_LINE = re.compile(r'^\s*(user|group)\s*=\s*"([^"]*)"', re.MULTILINE)
-
-
-def parse_qemu_owner(text: str) -> tuple[str, str]:
-    """The ``user`` and ``group`` QEMU runs as, from qemu.conf text (defaults: ``libvirt-qemu``). Pure."""
-    found = dict(_CONF_LINE.findall(text))
-    return found.get("user", DEFAULT_QEMU_USER), found.get("group", DEFAULT_QEMU_USER)
-
-
-def _resolve(value: str, *, group: bool) -> int:
-    """A qemu.conf user/group value (``name``, ``+N``, ``N``) as a numeric id; KeyError if unknown."""
-    if value.startswith("+") and value[1:].isdigit():
-        return int(value[1:])
-    try:
-        return grp.getgrnam(value).gr_gid if group else pwd.getpwnam(value).pw_uid
-    except KeyError:
-        if value.isdigit():
-            return int(value)
-        raise
-
-
-def qemu_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
-    """The uid and gid libvirt runs QEMU as on this host, or None if they cannot be resolved."""
-    try:
-        text = Path(conf).read_text()
-    except OSError:
-        text = ""
-    user, group = parse_qemu_owner(text)
-    try:
-        return _resolve(user, group=False), _resolve(group, group=True)
-    except KeyError:
-        return None
+# TRANSITIONAL (issue #18): disks_of, qemu_owner and SNAPSHOT_FLAGS stay importable from here only until the
+# callers outside engine/ (server/live.py, bench/, tests/) import their homes (core.domxml.disks_of,
+# adapters.libvirt.qemu_owner, adapters.libvirt.SNAPSHOT_FLAGS); then drop them from __all__ and the imports.
+__all__ = ["SNAPSHOT_FLAGS", "LibvirtBackend", "disks_of", "qemu_owner"]
 
 
 class LibvirtBackend:
@@ -167,24 +51,24 @@ class LibvirtBackend:
     kind = "libvirt"
     threadsafe = True  # libvirt connections serve concurrent calls
 
-    def __init__(self, conn: libvirt.virConnect, name: str, uri: str, *, preown: bool = False) -> None:
+    def __init__(self, conn: lv.Connection, name: str, uri: str, *, preown: bool = False) -> None:
         self.conn = conn
         self.name = name
         self.uri = uri
         self._snapshot_xml = ""
         self.dom = lv.lookup(conn, name)
-        self.owner = qemu_owner() if preown else None
+        self.owner = lv.qemu_owner() if preown else None
         self.preown = self.owner is not None
 
     def discover(self) -> Guest:
-        xml = lv.live_xml(self.dom) if self.dom.isActive() else lv.persistent_xml(self.dom)
+        xml = lv.live_xml(self.dom) if lv.is_active(self.dom) else lv.persistent_xml(self.dom)
         return Guest(
             name=self.name,
             kind=self.kind,
             address=self.uri,
             state=lv.state(self.dom),
             disks=disks_of(xml),
-            uuid=self.dom.UUIDString(),
+            uuid=lv.uuid_of(self.dom),
         )
 
     def prepare(self, txn: Transaction) -> None:
@@ -220,10 +104,9 @@ class LibvirtBackend:
         xml = self._snapshot_xml
         t0 = time.monotonic()
         try:
-            self.dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS)
-        except libvirt.libvirtError as exc:
-            why = lv.translate(exc, "snapshot")
-            raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {why}") from exc
+            lv.snapshot(self.dom, xml)
+        except CgrepError as exc:
+            raise CutError(f"{self.name}: the atomic snapshot failed, disks stay on their old chain: {exc}") from exc
         cut_ms = (time.monotonic() - t0) * 1000.0
         return GuestCut(self.name, tuple(DiskCut(a.target, a.frozen, a.overlay) for a in txn.actions), cut_ms)
 
@@ -245,7 +128,7 @@ class LibvirtBackend:
                 raise LibvirtError(f"{self.name}: the persistent definition of {a.target} does not name {a.overlay}")
 
     def discard(self, txn: Transaction) -> None:
-        live = {d.target: d.chain for d in disks_of(lv.live_xml(self.dom))} if self.dom.isActive() else {}
+        live = {d.target: d.chain for d in disks_of(lv.live_xml(self.dom))} if lv.is_active(self.dom) else {}
         for a in txn.actions:
             if a.overlay not in live.get(a.target, ()):
                 Path(a.overlay).unlink(missing_ok=True)
@@ -255,12 +138,7 @@ class LibvirtBackend:
 
     def resume(self) -> None:
         # One call inside the hold (no state query first); "not paused" is success: resume is idempotent.
-        try:
-            self.dom.resume()
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and lv.state(self.dom) != "paused":
-                return
-            raise lv.translate(exc, f"resuming {self.name!r}") from exc
+        lv.resume(self.dom, f"resuming {self.name!r}")
 
     def require_running(self) -> None:
         st = lv.state(self.dom)
@@ -272,20 +150,15 @@ class LibvirtBackend:
 
     def chain(self, target: str) -> tuple[str, ...]:
         """The disk's live backing chain, active image first."""
-        for d in disks_of(lv.live_xml(self.dom)):
-            if d.target == target:
-                return d.chain
-        raise LibvirtError(f"{self.name}: no disk {target}")
+        return lv.live_chain(self.dom, target)
 
     def fold(self, target: str, base: str, top: str) -> None:
         """Merge ``top`` (non-active) down into ``base`` with virDomainBlockCommit; see engine.fold."""
-        from libvirt_cgrep.engine.fold import fold
-
         fold(self.dom, target, base, top)
 
     def record(self) -> tuple[str, str | None, str]:
         """(name, uuid, persistent XML) for a manifest."""
-        return self.name, self.dom.UUIDString(), lv.persistent_xml(self.dom)
+        return self.name, lv.uuid_of(self.dom), lv.persistent_xml(self.dom)
 
     def close(self) -> None:
         return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from libvirt_cgrep.adapters import faults
 from libvirt_cgrep.core.model import GuestCut, PointResult, Transaction
 from libvirt_cgrep.core.plan import plan_cut, point_id, select_disks
 from libvirt_cgrep.engine.backend import Backend
@@ -35,8 +35,8 @@ from libvirt_cgrep.errors import FenceError, StateError, UsageError
 T = TypeVar("T")
 
 FENCES = ("none", "suspend")
-#: Test-only fault injection: sleep this long inside the hold (after the pause).
-FAULT_HOLD_SLEEP_ENV = "CGREP_FAULT_HOLD_SLEEP_MS"
+#: Test-only fault injection (``adapters.faults``): sleep this many ms inside the hold (after the pause).
+FAULT_HOLD_SLEEP_ENV = faults.env_name("HOLD_SLEEP_MS")
 
 
 def take_point(
@@ -143,7 +143,6 @@ def _hold_and_cut(
     The hold is measured from the first pause to the last resume.
     """
     specs = [s for b, _ in prepared for s in b.guardian_spec()]
-    fault_ms = float(os.environ.get(FAULT_HOLD_SLEEP_ENV, "0") or 0)
     n = len(prepared)
     ready, all_paused = threading.Barrier(n), threading.Barrier(n)
     starts, ends = [0.0] * n, [0.0] * n
@@ -160,8 +159,7 @@ def _hold_and_cut(
                 all_paused.abort()
                 raise
             all_paused.wait()  # BrokenBarrierError: another guest could not be paused; resume uncut
-            if fault_ms:
-                time.sleep(fault_ms / 1000.0)
+            faults.sleep_ms("HOLD_SLEEP_MS")
             done[i] = b.cut(txn)
         finally:
             # Idempotent: resumes a guest whether or not it was paused. If it fails (the guardian may have

@@ -32,30 +32,30 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_cgrep.adapters.qmp import QMPCommandError, QMPConnection, QMPOutcomeUnknown
-from libvirt_cgrep.core.model import Disk, DiskCut, Guest, GuestCut, SnapshotAction, Transaction
+from libvirt_cgrep.adapters.qmp import QMPConnection
+from libvirt_cgrep.core.chain import check_fold
+from libvirt_cgrep.core.model import DiskCut, Guest, GuestCut, SnapshotAction, Transaction
 from libvirt_cgrep.core.names import validate_name
-from libvirt_cgrep.errors import CgrepError, ConflictError, CutError, QMPError, StateError, UsageError
+from libvirt_cgrep.core.qmp import chain_of, disks_of, file_node_name, garbage_layers, layer_nodes, not_ours, target_of
+from libvirt_cgrep.errors import (
+    CgrepError,
+    ConflictError,
+    CutError,
+    QMPCommandError,
+    QMPError,
+    QMPOutcomeUnknown,
+    StateError,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
 
-#: ``qdev`` of a device given ``id=NAME``: ``/machine/peripheral/NAME/...``
-_QDEV_ID = re.compile(r"^/machine/peripheral/([^/]+)(?:/|$)")
-#: QEMU's limit on node names (``char node_name[32]``).
-_NODE_NAME_MAX = 31
-#: Node names the planner gives overlays (``core.plan.overlay_node``).
-_OUR_NODE = re.compile(r"^cg-[A-Za-z0-9_-]+$")
-#: File names the planner gives overlays (``core.plan.overlay_path``).
-_OUR_FILE = re.compile(r"\.cgrep-[0-9A-Za-z-]+\.qcow2$")
-#: Protocol drivers: their nodes share the image's filename with the format node above them.
-_PROTOCOLS = frozenset({"file", "host_device", "host_cdrom"})
 #: Seconds a fold's ``block-commit`` job may run before it is cancelled.
 FOLD_TIMEOUT = 3600.0
 
@@ -67,88 +67,6 @@ class _Made:
     file: str | None = None
     file_node: str | None = None
     overlay_node: str | None = None
-
-
-def file_node_name(overlay_node: str) -> str:
-    """The node name of an overlay's file (protocol) node: ``<overlay node>-f``, within 31 chars."""
-    return overlay_node[: _NODE_NAME_MAX - 2] + "-f"
-
-
-def _target_of(dev: Mapping[str, Any]) -> str:
-    """The qdev id (``vda`` from ``-device ...,id=vda``), else the device name, else the top node name."""
-    m = _QDEV_ID.match(str(dev.get("qdev") or ""))
-    if m:
-        return m.group(1)
-    if dev.get("device"):
-        return str(dev["device"])
-    inserted = dev.get("inserted") or {}
-    return str(inserted.get("node-name") or dev.get("qdev") or "?")
-
-
-def _chain_of(image: Mapping[str, Any] | None) -> tuple[str, ...]:
-    out: list[str] = []
-    while image:
-        out.append(str(image.get("filename", "")))
-        image = image.get("backing-image")
-    return tuple(out)
-
-
-def disks_of(block: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]) -> tuple[Disk, ...]:
-    """Disks from ``query-block`` and ``query-named-block-nodes`` replies, each with why it is unsupported. Pure."""
-    file_nodes = {str(n.get("file")) for n in nodes if n.get("drv") == "file"}
-    out: list[Disk] = []
-    for dev in block:
-        target = _target_of(dev)
-        inserted = dev.get("inserted")
-        device = "cdrom" if dev.get("removable") else "disk"
-        if not inserted:
-            out.append(Disk(target, "", "", (), None, device, False, "no medium"))
-            continue
-        image = inserted.get("image") or {}
-        top = str(image.get("filename") or inserted.get("file") or "")
-        fmt = str(inserted.get("drv") or image.get("format") or "")
-        reason = None
-        if inserted.get("ro"):
-            reason = "read-only"
-        elif fmt != "qcow2":
-            reason = f"{fmt} image (qcow2 is required)"
-        elif top not in file_nodes:
-            reason = f"image {top!r} is not a local file (protocol other than file)"
-        elif not os.path.isabs(top):
-            reason = f"image path {top!r} is relative to QEMU's working directory"
-        out.append(
-            Disk(
-                target=target,
-                image=top,
-                format=fmt,
-                chain=_chain_of(image) or (top,),
-                node=inserted.get("node-name"),
-                device=device,
-                supported=reason is None,
-                reason=reason,
-            )
-        )
-    return tuple(out)
-
-
-def layer_nodes(chain: Sequence[str], top_node: str, nodes: Sequence[Mapping[str, Any]], where: str) -> tuple[str, ...]:
-    """The format node name of every layer of ``chain`` (active first). Pure.
-
-    ``nodes`` is the reply of ``query-named-block-nodes`` with ``flat: false``
-    (each node's image with its backing images). The active layer's node is
-    ``top_node``; a lower layer's node is the one non-protocol node whose
-    image chain is exactly that layer and the layers below it.
-    StateError when a layer has no such node, or several.
-    """
-    out = [top_node]
-    for i in range(1, len(chain)):
-        below = tuple(chain[i:])
-        found = [str(n.get("node-name")) for n in nodes if n.get("drv") not in _PROTOCOLS and _chain_of(n.get("image")) == below]
-        if len(found) != 1:
-            what = "no node" if not found else f"several nodes ({', '.join(found)})"
-            raise StateError(f"{where}: {what} for layer {chain[i]} of the chain")
-        out.append(found[0])
-    return tuple(out)
 
 
 class QMPBackend:
@@ -200,7 +118,7 @@ class QMPBackend:
 
     def _tops(self) -> dict[str, str | None]:
         """Top node name of every device, by target (None without medium)."""
-        return {_target_of(d): (d.get("inserted") or {}).get("node-name") for d in self._x("query-block")}
+        return {target_of(d): (d.get("inserted") or {}).get("node-name") for d in self._x("query-block")}
 
     def _node_names(self) -> set[str]:
         return {str(n.get("node-name")) for n in self._x("query-named-block-nodes", {"flat": True})}
@@ -420,16 +338,16 @@ class QMPBackend:
         """The ``query-block`` entry of ``target`` (with a medium); StateError if there is none."""
         block = self._x("query-block")
         for dev in block:
-            if _target_of(dev) == target:
+            if target_of(dev) == target:
                 if not dev.get("inserted"):
                     raise StateError(f"{self.name}: disk {target} has no medium")
                 return dict(dev)
-        raise StateError(f"{self.name}: no disk {target} (disks: {', '.join(_target_of(d) for d in block) or 'none'})")
+        raise StateError(f"{self.name}: no disk {target} (disks: {', '.join(target_of(d) for d in block) or 'none'})")
 
     def chain(self, target: str) -> tuple[str, ...]:
         """The disk's live backing chain from ``query-block``, active image first."""
         inserted = self._device(target)["inserted"]
-        return _chain_of(inserted.get("image")) or (str(inserted.get("file") or ""),)
+        return chain_of(inserted.get("image")) or (str(inserted.get("file") or ""),)
 
     def fold(self, target: str, base: str, top: str) -> None:
         """Merge the non-active ``top`` (and every layer between it and ``base``) into ``base``.
@@ -440,10 +358,8 @@ class QMPBackend:
         merged-away layers that a prepare made are removed (nodes and files,
         see :meth:`_collect_garbage`); a layer QEMU still uses stays, logged.
         """
-        from libvirt_cgrep.engine.fold import check_fold  # lazily: it pulls in libvirt-python
-
         inserted = self._device(target)["inserted"]
-        chain = _chain_of(inserted.get("image"))
+        chain = chain_of(inserted.get("image"))
         check_fold(chain, base, top, self.name, target)
         nodes = self._x("query-named-block-nodes", {"flat": False})
         layers = layer_nodes(chain, str(inserted.get("node-name") or ""), nodes, f"{self.name}/{target}")
@@ -495,28 +411,11 @@ class QMPBackend:
         Layers QEMU still uses (``is in use``) stay, logged; a later fold
         collects them once they are free.
         """
-        live = {f for d in self._x("query-block") for f in _chain_of((d.get("inserted") or {}).get("image"))}
+        block = self._x("query-block")
         nodes = self._x("query-named-block-nodes", {"flat": False})
-        by_name = {str(n.get("node-name")): n for n in nodes}
-        for node in merged:
-            if not _OUR_NODE.match(node) or file_node_name(node) not in by_name:
-                log.info("%s: %s was merged away but is not an overlay of ours: left alone", where, node)
-        garbage = []
-        for n in nodes:
-            node = str(n.get("node-name"))
-            proto = by_name.get(file_node_name(node)) or {}
-            # The file node names the file: a format node added with "backing": null reports a json: filename.
-            filename = str(proto.get("file") or "")
-            if (
-                _OUR_NODE.match(node)
-                and n.get("drv") not in _PROTOCOLS
-                and node not in self._made
-                and proto.get("drv") == "file"
-                and filename not in live
-                and _OUR_FILE.search(filename)
-            ):
-                garbage.append((len(_chain_of(n.get("image"))), node, filename))
-        for _, node, filename in sorted(garbage, reverse=True):
+        for node in not_ours(merged, nodes):
+            log.info("%s: %s was merged away but is not an overlay of ours: left alone", where, node)
+        for node, filename in garbage_layers(block, nodes, self._made):
             if not (self._del_node(where, node) and self._del_node(where, file_node_name(node))):
                 continue
             try:

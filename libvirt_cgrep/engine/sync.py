@@ -17,32 +17,31 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from libvirt_cgrep.adapters import qemu_img
-from libvirt_cgrep.adapters.fs import save_file
+from libvirt_cgrep.adapters import faults, qemu_img
+from libvirt_cgrep.adapters.stamps import read_stamp, stamp_path, write_stamp
 from libvirt_cgrep.core import manifest as mf
+from libvirt_cgrep.core.coverage import FoldStamp, coverage, primary_base
 from libvirt_cgrep.core.extents import data_bytes
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.engine.backend import Backend
 from libvirt_cgrep.engine.point import take_point
 from libvirt_cgrep.errors import CgrepError, UsageError
-from libvirt_cgrep.replica.link import Link, Target
-from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
+from libvirt_cgrep.replica.client import Client
+from libvirt_cgrep.replica.link import Target
 from libvirt_cgrep.replica.ship import DiskShipment, Progress, RateLimit, extents_of, read_map, ship_disk
 
-_OURS = re.compile(r"\.cgrep-[0-9a-z-]+\.qcow2$")
 #: Test-only fault injection: sleep this many ms after the commit, before folding.
-FAULT_BEFORE_FOLD_ENV = "CGREP_FAULT_BEFORE_FOLD_MS"
+FAULT_BEFORE_FOLD_ENV = faults.env_name("BEFORE_FOLD_MS")
+#: re-exported: the pure rule and the stamp files, for the callers of a cycle
+__all__ = ["DiskSync", "FoldStamp", "SyncResult", "coverage", "primary_base", "read_stamp", "stamp_path", "sync", "write_stamp"]
 
 
 @dataclass(frozen=True)
@@ -104,78 +103,6 @@ class SyncResult:
         }
 
 
-def primary_base(chain: Sequence[str]) -> str:
-    """The image overlays fold into: the newest layer of the chain that is not one of our overlays."""
-    for image in chain:
-        if not _OURS.search(PurePosixPath(image).name):
-            return image
-    return chain[-1]
-
-
-@dataclass(frozen=True)
-class FoldStamp:
-    """Recorded beside the primary's base before every fold: the base holds nothing newer than this point."""
-
-    target: str
-    set_name: str
-    point_id: str
-
-
-def coverage(
-    chain: Sequence[str],
-    rec: mf.DiskRecord | None,
-    *,
-    newest_id: str | None = None,
-    stamp: FoldStamp | None = None,
-    target: str = "",
-    set_name: str = "",
-) -> tuple[int, bool, str, str | None]:
-    """(ship depth, full?, primary base, resync reason) for a frozen chain (frozen image first). Pure.
-
-    A delta is only correct if the primary's base holds nothing the target's
-    newest point lacks: the fold stamp must name this target and set, and a
-    point no newer than the newest one there (else: full resync).
-    """
-    if rec is None:
-        return len(chain), True, primary_base(chain), "first point of this disk"
-    if not rec.primary_base:
-        return len(chain), True, primary_base(chain), "the newest point was cut in continuous mode"
-    if rec.primary_base not in chain:
-        return len(chain), True, primary_base(chain), f"chain broken: {rec.primary_base} is no longer in it"
-    if stamp is not None and (
-        stamp.target != target or stamp.set_name != set_name or newest_id is None or stamp.point_id > newest_id
-    ):
-        return (
-            len(chain),
-            True,
-            primary_base(chain),
-            f"the primary's base was folded after point {stamp.point_id} of {stamp.target} (set {stamp.set_name}), "
-            "which this target does not hold",
-        )
-    if rec.source_image in chain:
-        return chain.index(rec.source_image), False, rec.primary_base, None
-    return chain.index(rec.primary_base), False, rec.primary_base, None
-
-
-def stamp_path(base: str) -> Path:
-    return Path(f"{base}.cgrep-fold.json")
-
-
-def read_stamp(base: str) -> FoldStamp | None:
-    try:
-        d = json.loads(stamp_path(base).read_bytes())
-        return FoldStamp(str(d["target"]), str(d["set"]), str(d["point_id"]))
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        return FoldStamp("?", "?", "?")  # unreadable: never trust the base for a delta
-
-
-def write_stamp(base: str, stamp: FoldStamp) -> None:
-    data = {"target": stamp.target, "set": stamp.set_name, "point_id": stamp.point_id}
-    save_file(stamp_path(base), json.dumps(data).encode() + b"\n", 0o600)
-
-
 def _repair(backend: Backend, name: str, newest: mf.Manifest | None, target: str, set_name: str) -> None:
     """Fold layers a crashed cycle committed but did not fold."""
     if newest is None:
@@ -230,13 +157,13 @@ def sync(
         b.require_running()
     names = [b.record()[0] for b in backends]
     set_name = validate_name(set_name or names[0], "set name")
-    link = Link(target)
+    link = Client(target)
     pool = ThreadPoolExecutor(max_workers=4)
     map_pool = ThreadPoolExecutor(max_workers=4)  # qemu-img map runs, beside ``pool``'s qemu-img info runs
     try:
         with _phase(phases, "open"):
-            pts = link.request({"op": "points", "set": set_name})["points"]
-            newest = manifest_from_dict(pts[-1]) if pts else None
+            pts = link.points(set_name).points
+            newest = pts[-1] if pts else None
             for b, name in zip(backends, names, strict=True):
                 _repair(b, name, newest, str(target), set_name)
         with _phase(phases, "cut"):
@@ -264,15 +191,7 @@ def sync(
                 plans.append((DiskShipment(guest, dc.target, chain, depth, full, size), base, reason))
         parent = newest.point_id if newest else None
         with _phase(phases, "begin"):
-            link.request(
-                {
-                    "op": "begin",
-                    "set": set_name,
-                    "point_id": point.point_id,
-                    "parent": parent,
-                    "disks": [[s.domain, s.target, s.virtual_size, s.full] for s, _, _ in plans],
-                }
-            )
+            link.begin(set_name, point.point_id, parent, [(s.domain, s.target, s.virtual_size, s.full) for s, _, _ in plans])
         t_ship = time.monotonic()
         limiter = RateLimit(bwlimit)
         results: list[tuple[DiskShipment, int, int, str, str | None]] = []
@@ -284,7 +203,7 @@ def sync(
             sent = ship_disk(link, s, extents, compress=compress, limiter=limiter, progress=progress(f"{s.domain}/{s.target}"))
             results.append((s, data_bytes(extents), sent, base, reason))
         if "copyv" in link.features:  # the receiver copies by itself: shipped once it has applied everything
-            link.request({"op": "applied"})
+            link.applied()
         ship_s = time.monotonic() - t_ship
         phases["map_wait"] = wait_s * 1000.0
         phases["send"] = (ship_s - wait_s) * 1000.0
@@ -303,13 +222,7 @@ def sync(
             ),
         )
         with _phase(phases, "commit"):
-            link.request(
-                {
-                    "op": "commit",
-                    "manifest": manifest_to_dict(manifest),
-                    "shipped": [[s.domain, s.target, sent] for s, _, sent, _, _ in results],
-                }
-            )
+            link.commit(manifest, [(s.domain, s.target, sent) for s, _, sent, _, _ in results])
         _fault_before_fold()
         by_name = dict(zip(names, backends, strict=True))
         with _phase(phases, "fold"):
@@ -329,19 +242,7 @@ def sync(
         pruned: tuple[str, ...] = ()
         if policy is not None:
             with _phase(phases, "prune"):
-                reply = link.request(
-                    {
-                        "op": "prune",
-                        "set": set_name,
-                        "policy": {
-                            "keep_last": policy.keep_last,
-                            "keep_hourly": policy.keep_hourly,
-                            "keep_daily": policy.keep_daily,
-                        },
-                        "now": now().isoformat(),
-                    }
-                )
-                pruned = tuple(reply["deleted"])
+                pruned = link.prune(policy, set_name=set_name, now=now().isoformat())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         map_pool.shutdown(wait=True, cancel_futures=True)
@@ -373,6 +274,4 @@ def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _fault_before_fold() -> None:
-    ms = float(os.environ.get(FAULT_BEFORE_FOLD_ENV, "0") or 0)
-    if ms:
-        time.sleep(ms / 1000.0)
+    faults.sleep_ms("BEFORE_FOLD_MS")

@@ -163,14 +163,14 @@ def _build_locked(cache: Path, *, force: bool, offline: bool, log: Callable[[str
     vmlinuz = kroot / "boot" / f"vmlinuz-{kernel_version}"
     if not vmlinuz.is_file():
         raise LabBuildError(f"{kernel_deb.path.name} has no boot/vmlinuz-{kernel_version}")
-    modules = _collect_modules(kroot / "lib" / "modules" / kernel_version, work / "modules", log)
+    modules = _collect_modules(_merged_usr(kroot, f"lib/modules/{kernel_version}"), work / "modules", log)
 
     log(f"extracting {busybox_deb.path.name}")
     broot = work / "busybox"
     _run(["dpkg-deb", "-x", str(busybox_deb.path), str(broot)])
-    busybox = broot / "bin" / "busybox"
+    busybox = _merged_usr(broot, "bin/busybox")
     if not busybox.is_file():
-        raise LabBuildError(f"{busybox_deb.path.name} has no bin/busybox")
+        raise LabBuildError(f"{busybox_deb.path.name} has no bin/busybox (nor usr/bin/busybox)")
 
     log("compiling cgrep-workload (gcc -static -O2)")
     workload = work / "cgrep-workload"
@@ -365,7 +365,15 @@ def _compute_stamp(debs: Sequence[Path]) -> str:
                 h.update(chunk)
     add("workload.c", WORKLOAD_SOURCE.read_bytes())
     add("init", INIT_SCRIPT.read_bytes())
+    add("builder", Path(__file__).read_bytes())  # a changed builder rebuilds
     return h.hexdigest()
+
+
+def _merged_usr(root: Path, rel: str) -> Path:
+    """``root/rel``, or ``root/usr/rel`` where the package installs under /usr (merged /usr: Debian 13)."""
+    plain = root / rel
+    usr = root / "usr" / rel
+    return usr if not plain.exists() and usr.exists() else plain
 
 
 def _read_stamp(path: Path) -> str | None:

@@ -29,25 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-import libvirt
 from lxml import etree
 
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core.names import disk_target, validate_name
 from libvirt_cgrep.errors import CgrepError, ConflictError, NotFoundError, StateError, UsageError
-from libvirt_cgrep.lab import console, relay
+from libvirt_cgrep.lab import console, paths, relay
 
+#: Where the lab's files live (lab/paths.py), under the names the lab's callers know.
+lab_root = paths.lab_root
+group_dir = paths.group_dir
 LAB_NS = "urn:x-libvirt-cgrep:lab:1"
 LAB_PREFIX = "cgreplab"
-DEFAULT_LAB_DIR = Path("/var/lib/libvirt-cgrep/lab")
 MODES = ("write", "scan", "idle")
 GROUP_FILE = "group.json"
 MAX_GROUP_VMS = 16
-
-
-def lab_root() -> Path:
-    return Path(os.environ.get("CGREP_LAB_DIR", str(DEFAULT_LAB_DIR)))
 
 
 @dataclass(frozen=True)
@@ -177,14 +174,9 @@ class LabDomain:
         }
 
 
-def _lab_meta(dom: libvirt.virDomain) -> etree._Element | None:
-    try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, LAB_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            return None
-        raise lv.translate(exc, f"reading metadata of {dom.name()!r}") from exc
-    return etree.fromstring(xml.encode())
+def _lab_meta(dom: lv.Domain) -> etree._Element | None:
+    xml = lv.metadata(dom, LAB_NS, f"reading metadata of {lv.domain_name(dom)!r}")
+    return None if xml is None else etree.fromstring(xml.encode())
 
 
 def read_console(path: Path, tail: int = 64 << 10) -> console.ConsoleState:
@@ -199,7 +191,7 @@ def read_console(path: Path, tail: int = 64 << 10) -> console.ConsoleState:
     return console.parse(text)
 
 
-def _describe(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: etree._Element) -> LabDomain:
+def _describe(conn: lv.Connection, dom: lv.Domain, meta: etree._Element) -> LabDomain:
     directory = Path(meta.get("dir", ""))
     cons = read_console(directory / "console.log")
     images = tuple(Path(d.path) for d in lv.disks_from_xml(lv.persistent_xml(dom)) if d.path and d.device == "disk")
@@ -220,7 +212,7 @@ def _describe(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: etree._Ele
     )
 
 
-def get(conn: libvirt.virConnect, name: str) -> LabDomain:
+def get(conn: lv.Connection, name: str) -> LabDomain:
     """The lab domain ``name``; NotFoundError, or UsageError if it is not a lab domain."""
     validate_name(name, "domain name")
     dom = lv.lookup(conn, name)
@@ -230,7 +222,7 @@ def get(conn: libvirt.virConnect, name: str) -> LabDomain:
     return _describe(conn, dom, meta)
 
 
-def list_all(conn: libvirt.virConnect) -> tuple[LabDomain, ...]:
+def list_all(conn: lv.Connection) -> tuple[LabDomain, ...]:
     """Every lab domain on the connection, sorted by name."""
     out = []
     for dom in lv.call("listing domains", conn.listAllDomains, 0):
@@ -271,7 +263,7 @@ def wait_for_scan(path: Path, *, timeout: float = 90.0) -> dict[str, str]:
         time.sleep(0.1)
 
 
-def up(conn: libvirt.virConnect, spec: LabSpec, *, wait: bool = True, timeout: float = 90.0) -> LabDomain:
+def up(conn: lv.Connection, spec: LabSpec, *, wait: bool = True, timeout: float = 90.0) -> LabDomain:
     """Create, define and start a lab domain; on any failure, undo everything."""
     validate_name(spec.name, "domain name")
     if spec.mode not in MODES:
@@ -286,7 +278,7 @@ def up(conn: libvirt.virConnect, spec: LabSpec, *, wait: bool = True, timeout: f
         raise ConflictError(
             f"lab directory {str(spec.directory)!r} already exists (left over? run 'virt-cgrep lab down {spec.name}')"
         )
-    dom: libvirt.virDomain | None = None
+    dom: lv.Domain | None = None
     try:
         spec.directory.mkdir(parents=True, mode=0o755)
         os.chmod(spec.directory.parent, 0o755)
@@ -305,27 +297,14 @@ def up(conn: libvirt.virConnect, spec: LabSpec, *, wait: bool = True, timeout: f
         raise
 
 
-def _remove(dom: libvirt.virDomain | None, directory: Path) -> None:
+def _remove(dom: lv.Domain | None, directory: Path) -> None:
     """Destroy and undefine ``dom`` (if any) and remove ``directory``; best effort."""
     if dom is not None:
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            flags = (
-                libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            )
-            dom.undefineFlags(flags)
-        except libvirt.libvirtError:
-            pass
+        lv.discard(dom)
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def down(conn: libvirt.virConnect, name: str) -> None:
+def down(conn: lv.Connection, name: str) -> None:
     """Destroy a lab domain, undefine it and remove its directory (idempotent on leftovers).
 
     For a lab group, or any member of one, the whole group goes (:func:`group_down`).
@@ -393,10 +372,6 @@ class LabGroup:
         }
 
 
-def group_dir(group: str) -> Path:
-    return lab_root() / group
-
-
 def member_names(group: str, vms: int) -> tuple[str, ...]:
     """The domain names of a group's members: ``G-0 .. G-{V-1}``."""
     return tuple(validate_name(f"{group}-{i}", "domain name") for i in range(vms))
@@ -413,7 +388,7 @@ def _group_file_members(group: str) -> tuple[str, ...]:
     return tuple(n for n in names if isinstance(n, str))
 
 
-def is_group(conn: libvirt.virConnect, name: str) -> bool:
+def is_group(conn: lv.Connection, name: str) -> bool:
     """True if ``name`` names a lab group (its directory or a member says so)."""
     validate_name(name, "group name")
     if (group_dir(name) / GROUP_FILE).is_file():
@@ -421,7 +396,7 @@ def is_group(conn: libvirt.virConnect, name: str) -> bool:
     return any(d.group == name for d in list_all(conn))
 
 
-def get_group(conn: libvirt.virConnect, group: str) -> LabGroup:
+def get_group(conn: lv.Connection, group: str) -> LabGroup:
     """The lab group ``group``; NotFoundError if it has neither members nor a directory."""
     validate_name(group, "group name")
     names = _group_file_members(group) or tuple(d.name for d in list_all(conn) if d.group == group)
@@ -459,9 +434,7 @@ def wait_for_done(paths: Sequence[Path], *, after: int = -1, timeout: float = 90
         time.sleep(0.1)
 
 
-def group_up(
-    conn: libvirt.virConnect, group: str, specs: Sequence[LabSpec], *, wait: bool = True, timeout: float = 120.0
-) -> LabGroup:
+def group_up(conn: lv.Connection, group: str, specs: Sequence[LabSpec], *, wait: bool = True, timeout: float = 120.0) -> LabGroup:
     """Create a lab group from its members' specs (made by :func:`group_specs`); on any failure, undo everything.
 
     Starts every member, waits for each one's scan, starts the relay (write
@@ -503,7 +476,7 @@ def group_up(
         relay.stop(gdir, group)
         for spec in made:
             try:
-                dom: libvirt.virDomain | None = lv.lookup(conn, spec.name)
+                dom: lv.Domain | None = lv.lookup(conn, spec.name)
             except CgrepError:
                 dom = None
             _remove(dom, spec.directory)
@@ -522,7 +495,7 @@ def group_specs(group: str, vms: int, **kw: object) -> tuple[LabSpec, ...]:
     )
 
 
-def group_down(conn: libvirt.virConnect, group: str) -> tuple[str, ...]:
+def group_down(conn: lv.Connection, group: str) -> tuple[str, ...]:
     """Stop the relay, remove every member and the group directory; returns the members removed."""
     validate_name(group, "group name")
     gdir = group_dir(group)

@@ -50,9 +50,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from libvirt_cgrep.errors import StateError
+from lxml import etree
+
+from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.adapters.fs import save_file
+from libvirt_cgrep.core.names import validate_name
+from libvirt_cgrep.errors import (
+    EXIT_OK,
+    CgrepError,
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    StateError,
+    UsageError,
+    exit_code_for,
+)
+from libvirt_cgrep.lab.paths import lab_root
 
 PID_FILE = "relay.pid"
 STATUS_FILE = "relay.json"
@@ -216,13 +230,10 @@ def _log(msg: str) -> None:
 
 
 class Relay:
-    """The relay loop over the members' ptys. Needs libvirt (imported lazily: the control side does not)."""
+    """The relay loop over the members' ptys (libvirt through :mod:`libvirt_cgrep.adapters.libvirt`)."""
 
     def __init__(self, uri: str, group: str, gdir: Path, names: Sequence[str]) -> None:
-        import libvirt
-
-        self.libvirt = libvirt
-        self.conn = libvirt.open(uri)
+        self.conn = lv.connect(uri)
         self.group = group
         self.gdir = gdir
         self.members = [_Member(n, i) for i, n in enumerate(names)]
@@ -239,30 +250,26 @@ class Relay:
 
     # -- libvirt and ptys
 
-    def _domain(self, name: str) -> Any:
-        """The domain, or None if it does not exist."""
+    def _domain(self, name: str) -> lv.Domain | None:
+        """The domain, or None if it does not exist (other libvirt failures raise our error)."""
         try:
-            return self.conn.lookupByName(name)
-        except self.libvirt.libvirtError as exc:
-            if exc.get_error_code() == self.libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise
+            return lv.lookup(self.conn, name)
+        except NotFoundError:
+            return None
 
     def _running(self, name: str) -> bool:
         try:
             dom = self._domain(name)
-            return dom is not None and bool(dom.state()[0] == self.libvirt.VIR_DOMAIN_RUNNING)
-        except self.libvirt.libvirtError:
+            return dom is not None and lv.state(dom) == "running"
+        except CgrepError:
             return False
 
     def connect(self, m: _Member) -> bool:
         """Open the member's pty (its domain must be active); False if it is not there now."""
-        from lxml import etree
-
         dom = self._domain(m.name)
-        if dom is None or not dom.isActive():
+        if dom is None or not lv.is_active(dom):
             return False
-        root = etree.fromstring(dom.XMLDesc(0).encode())
+        root = etree.fromstring(lv.live_xml(dom).encode())
         serial = root.find("devices/serial[@type='pty']")
         src = serial.find("source") if serial is not None else None
         path = src.get("path") if src is not None else None
@@ -427,8 +434,6 @@ class Relay:
                 del m.buf[:-512]
 
     def write_status(self, rate: float | None) -> None:
-        from libvirt_cgrep.adapters.fs import save_file
-
         data = {
             "pid": os.getpid(),
             "group": self.group,
@@ -472,7 +477,7 @@ class Relay:
                             gone += 1
                         elif self.connect(m):
                             _log(f"{m.name}: console reopened ({m.pty})")
-                    except (StateError, OSError, self.libvirt.libvirtError) as exc:
+                    except (CgrepError, OSError) as exc:
                         _log(f"{m.name}: cannot reopen its console yet: {exc}")
                 if gone == self.vms:
                     _log("no member exists any more; exiting")
@@ -498,7 +503,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _detach(gdir: Path) -> int:
-    """Fork; the parent waits for the child's word and exits with it. Returns the child's write end."""
+    """Fork; the parent waits for the child's word and exits with it. Returns the child's write end.
+
+    The word is ``ok`` once relaying, else ``STATUS reason`` with the status
+    :func:`libvirt_cgrep.errors.exit_code_for` gave the child's failure. The
+    parent leaves with ``os._exit`` (a forked parent must not run the child's
+    cleanup): 0, or that status (70, InternalError's, if the child died silently).
+    """
     r, w = os.pipe()
     if os.fork() > 0:
         os.close(w)
@@ -506,10 +517,13 @@ def _detach(gdir: Path) -> int:
         while chunk := os.read(r, 4096):
             msg += chunk
         if msg.startswith(b"ok"):
-            os._exit(0)
-        sys.stderr.write((msg.decode(errors="replace").strip() or "relay exited during start-up") + "\n")
+            os._exit(EXIT_OK)
+        code, _, why = msg.decode(errors="replace").partition(" ")
+        if not code.isdigit() or int(code) == EXIT_OK:
+            code, why = str(exit_code_for(InternalError("relay exited during start-up"))), ""
+        sys.stderr.write((why.strip() or "relay exited during start-up") + "\n")
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(int(code))
     os.close(r)
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
@@ -522,24 +536,28 @@ def _detach(gdir: Path) -> int:
     return w
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from libvirt_cgrep.adapters import libvirt as lv
-    from libvirt_cgrep.adapters.fs import save_file
-    from libvirt_cgrep.core.names import validate_name
-    from libvirt_cgrep.lab.domain import lab_root
-
-    args = _parse(argv)
+def _group_dir(args: argparse.Namespace) -> tuple[str, Path]:
+    """The group's name and directory from the arguments; UsageError or ConflictError (nothing started)."""
     group = validate_name(args.group, "group name")
     for n in args.members:
         validate_name(n, "domain name")
     gdir: Path = args.dir or lab_root() / group
     if len(args.members) < 2:
-        print("a group needs at least 2 members", file=sys.stderr)
-        return 64
+        raise UsageError("a group needs at least 2 members")
     old = _read_pid(gdir)
     if old is not None and _is_our_relay(old, group):
-        print(f"the relay of {group!r} already runs (pid {old})", file=sys.stderr)
-        return 1
+        raise ConflictError(f"the relay of {group!r} already runs (pid {old})")
+    return group, gdir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the relay (detached with ``--daemon``); the exit status comes from :func:`libvirt_cgrep.errors.exit_code_for`."""
+    args = _parse(argv)
+    try:
+        group, gdir = _group_dir(args)
+    except CgrepError as exc:
+        print(exc, file=sys.stderr)
+        return exit_code_for(exc)
     ready = _detach(gdir) if args.daemon else None
     relay: Relay | None = None
     try:
@@ -548,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if relay is not None:
                 relay.stopping = True
             else:
-                raise SystemExit(0)
+                raise SystemExit(EXIT_OK)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -565,16 +583,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready = None
         relay.run()
         _log(f"stopped; relayed {relay.relayed} records, next {relay.next}")
-        return 0
+        return EXIT_OK
     except BaseException as exc:
         why = str(exc) or type(exc).__name__
         _log(f"failed: {why}")
+        stopped = isinstance(exc, SystemExit)  # SIGTERM or SIGINT before relaying: a clean stop, but no start
         if ready is not None:
+            failed = exit_code_for(StateError(why) if stopped else exc)
             with contextlib.suppress(OSError):
-                os.write(ready, why.encode())
-        if isinstance(exc, SystemExit):
-            return 0
-        return 1
+                os.write(ready, f"{failed} {why}".encode())
+        return EXIT_OK if stopped else exit_code_for(exc)
     finally:
         if _read_pid(gdir) == os.getpid():
             with contextlib.suppress(OSError):

@@ -25,31 +25,35 @@ import os
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import libvirt
 from lxml import etree
 
 from libvirt_cgrep.adapters import libvirt as lv
+from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
-from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
 from libvirt_cgrep.core.names import validate_name
 from libvirt_cgrep.core.protection import NS as PROTECTION_NS
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError, UsageError
+from libvirt_cgrep.recovery.journal import (
+    journal_path,
+    journals,
+    locked,
+    recovery_dir,
+    remove_journal,
+    save_journal,
+    unfinished,
+    utcnow,
+)
 from libvirt_cgrep.replica.store import Store
 
 log = logging.getLogger(__name__)
-LOCK_WAIT_S = 120.0
 TEST_SUFFIX = "-test"
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _ts() -> str:
@@ -57,53 +61,6 @@ def _ts() -> str:
 
 
 # ------------------------------------------------------------------ the target
-
-
-@contextlib.contextmanager
-def locked(root: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[Store]:
-    """The target's writer lock, waited for (a replication cycle holds it for seconds)."""
-    end = time.monotonic() + wait_s
-    while True:
-        try:
-            store = Store.open(root, create=False)
-            break
-        except ConflictError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.2)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def recovery_dir(root: Path, set_name: str) -> Path:
-    return root / validate_name(set_name, "set name") / "recovery"
-
-
-def journal_path(root: Path, set_name: str, run_id: str) -> Path:
-    return recovery_dir(root, set_name) / f"{run_id}.json"
-
-
-def save_journal(root: Path, j: rc.Journal) -> None:
-    rdir = recovery_dir(root, j.set_name)
-    rdir.mkdir(mode=0o755, exist_ok=True)
-    save_file(journal_path(root, j.set_name, j.run), (json.dumps(j.to_dict(), indent=1) + "\n").encode(), 0o600)
-
-
-def journals(root: Path, set_name: str) -> list[rc.Journal]:
-    """Every run journal of a set, oldest first."""
-    rdir = recovery_dir(root, set_name)
-    out = []
-    for f in sorted(rdir.glob("*.json")) if rdir.is_dir() else ():
-        if rc.valid_run_id(f.stem):
-            out.append(rc.journal_from_dict(json.loads(f.read_bytes())))
-    return out
-
-
-def all_journals(root: Path) -> list[rc.Journal]:
-    store = Store.open(root, readonly=True)
-    return [j for s in store.sets() for j in journals(root, s)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +98,7 @@ def select(store: Store, name: str, point: str = "latest") -> Selection:
 # ------------------------------------------------------------------ host facts
 
 
-def host_facts(conn: libvirt.virConnect, xmls: list[str]) -> rc.HostFacts:
+def host_facts(conn: lv.Connection, xmls: list[str]) -> rc.HostFacts:
     nets = frozenset(lv.call("listing networks", conn.listNetworks))
     sysnet = Path("/sys/class/net")
     bridges = frozenset(p.name for p in sysnet.iterdir() if (p / "bridge").is_dir()) if sysnet.is_dir() else frozenset()
@@ -149,27 +106,23 @@ def host_facts(conn: libvirt.virConnect, xmls: list[str]) -> rc.HostFacts:
     return rc.HostFacts(nets, bridges, frozenset(p for p in paths if os.path.exists(p)))
 
 
-def _recovery_meta(dom: libvirt.virDomain) -> dict[str, str]:
-    try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, rc.RECOVERY_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError:
+def _recovery_meta(dom: lv.Domain) -> dict[str, str]:
+    xml = lv.metadata_or_none(dom, rc.RECOVERY_NS)
+    if xml is None:
         return {}
     return {str(k): str(v) for k, v in etree.fromstring(xml.encode()).attrib.items()}
 
 
-def _existing(conn: libvirt.virConnect, name: str, run_id: str) -> rc.Existing | None:
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
+def _existing(conn: lv.Connection, name: str, run_id: str) -> rc.Existing | None:
+    dom = lv.find(conn, name)
+    if dom is None:
         return None
-    return rc.Existing(name, dom.UUIDString(), bool(dom.isActive()), _recovery_meta(dom).get("run") == run_id)
+    return rc.Existing(name, lv.uuid_of(dom), lv.is_active(dom), _recovery_meta(dom).get("run") == run_id)
 
 
-def _uuid_taken(conn: libvirt.virConnect, uuid: str, name: str) -> bool:
-    try:
-        return bool(conn.lookupByUUIDString(uuid).name() != name)
-    except libvirt.libvirtError:
-        return False
+def _uuid_taken(conn: lv.Connection, uuid: str, name: str) -> bool:
+    owner = lv.uuid_owner(conn, uuid)
+    return owner is not None and owner != name
 
 
 def isolated_network_name(set_name: str) -> str:
@@ -241,9 +194,7 @@ def _restore_modes(root: Path, set_name: str) -> None:
 
 def _check_reachable(root: Path) -> None:
     """StateError if QEMU (not root) could not reach the target: an ancestor is not searchable by others."""
-    from libvirt_cgrep.engine.libvirt_backend import qemu_owner
-
-    owner = qemu_owner()
+    owner = lv.qemu_owner()
     if owner is not None and owner[0] == 0:
         return
     for p in root.parents:
@@ -262,7 +213,7 @@ def _dirs_to_widen(root: Path, set_name: str, m: mf.Manifest, domains: set[str])
 
 
 def failover(
-    conn: libvirt.virConnect,
+    conn: lv.Connection,
     uri: str,
     root: Path,
     name: str,
@@ -377,16 +328,14 @@ def failover(
     return Result(j, False, time.monotonic() - t0)
 
 
-def _execute(conn: libvirt.virConnect, root: Path, j: rc.Journal, start: bool, progress: Callable[[str], None]) -> rc.Journal:
+def _execute(conn: lv.Connection, root: Path, j: rc.Journal, start: bool, progress: Callable[[str], None]) -> rc.Journal:
     """Run (or finish) every step of a planned run; each step is skipped when already done."""
     images: dict[str, str] = j.extra.get("images", {})
     rundir = Path(j.directory)
     rundir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(rundir.parent, os.stat(rundir.parent).st_mode | 0o011)
     for net in j.networks:
-        try:
-            conn.networkLookupByName(net)
-        except libvirt.libvirtError:
+        if lv.find_network(conn, net) is None:
             lv.call(f"creating network {net!r}", conn.networkCreateXML, rc_net_xml(net))
             j = j.step(utcnow(), f"network {net} created")
             save_journal(root, j)
@@ -401,7 +350,7 @@ def _execute(conn: libvirt.virConnect, root: Path, j: rc.Journal, start: bool, p
                 tmp = p.with_name(f".{p.name}.tmp")
                 tmp.unlink(missing_ok=True)
                 base = images[f"{d.original}/{target}"]
-                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, str(tmp)], timeout=60)
+                qemu_img.create_overlay(tmp, base)
                 os.replace(tmp, p)
             fsync_dir(files)
             d = replace(d, step="overlays")
@@ -422,7 +371,7 @@ def _execute(conn: libvirt.virConnect, root: Path, j: rc.Journal, start: bool, p
             if d.step not in ("defined", "started"):
                 continue
             dom = lv.lookup(conn, d.name)
-            if not dom.isActive():
+            if not lv.is_active(dom):
                 lv.call(f"starting {d.name!r}", dom.create)
             if d.step != "started":
                 d = replace(d, step="started")
@@ -442,31 +391,24 @@ def rc_net_xml(name: str) -> str:
 # ------------------------------------------------------------------ cleanup
 
 
-def _remove_domain(conn: libvirt.virConnect, d: rc.DomainRun, run_id: str) -> str | None:
+def _remove_domain(conn: lv.Connection, d: rc.DomainRun, run_id: str) -> str | None:
     """Destroy and undefine the run's domain; never one that lacks this run's metadata."""
-    try:
-        dom = conn.lookupByName(d.name)
-    except libvirt.libvirtError:
+    dom = lv.find(conn, d.name)
+    if dom is None:
         return None
     meta = _recovery_meta(dom)
     if meta.get("run") != run_id:
         return f"{d.name}: not this run's domain (recovery run {meta.get('run')!r}); left alone"
-    if dom.isActive():
+    if lv.is_active(dom):
         lv.call(f"stopping {d.name!r}", dom.destroy)
     if d.replaced_xml:
         lv.call(f"restoring the definition of {d.name!r}", conn.defineXML, d.replaced_xml)
         return None
-    flags = (
-        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-    )
-    lv.call(f"undefining {d.name!r}", dom.undefineFlags, flags)
+    lv.undefine(dom, f"undefining {d.name!r}")
     return None
 
 
-def cleanup_run(conn: libvirt.virConnect, root: Path, j: rc.Journal) -> list[str]:
+def cleanup_run(conn: lv.Connection, root: Path, j: rc.Journal) -> list[str]:
     """Remove what run ``j`` created (idempotent); returns what was left alone and why."""
     left: list[str] = []
     if j.state != "cleaning":
@@ -477,12 +419,11 @@ def cleanup_run(conn: libvirt.virConnect, root: Path, j: rc.Journal) -> list[str
         if note:
             left.append(note)
     for net in j.networks:
-        try:
-            n = conn.networkLookupByName(net)
-        except libvirt.libvirtError:
+        n = lv.find_network(conn, net)
+        if n is None:
             continue
-        persistent = bool(n.isPersistent())
-        if n.isActive():
+        persistent = bool(lv.call(f"reading network {net!r}", n.isPersistent))
+        if lv.call(f"reading network {net!r}", n.isActive):
             lv.call(f"stopping network {net!r}", n.destroy)
         if persistent:
             lv.call(f"undefining network {net!r}", n.undefine)
@@ -492,7 +433,7 @@ def cleanup_run(conn: libvirt.virConnect, root: Path, j: rc.Journal) -> list[str
     others = [o for o in journals(root, j.set_name) if o.run != j.run and o.state != "done"]
     if not others:
         _restore_modes(root, j.set_name)
-    journal_path(root, j.set_name, j.run).unlink(missing_ok=True)
+    remove_journal(root, j)
     rdir = recovery_dir(root, j.set_name)
     with contextlib.suppress(OSError):
         rdir.rmdir()  # only when empty
@@ -500,10 +441,10 @@ def cleanup_run(conn: libvirt.virConnect, root: Path, j: rc.Journal) -> list[str
     return left
 
 
-def rollback(conn: libvirt.virConnect, root: Path, name: str) -> list[str]:
+def rollback(conn: lv.Connection, root: Path, name: str) -> list[str]:
     """Undo the unfinished failover of set (or domain) ``name``: its domains go (replaced definitions come back)."""
     ro = Store.open(root, create=False, readonly=True)
-    runs = _unfinished(root, ro, name, "failover")
+    runs = unfinished(root, ro, name, "failover")
     if not runs:
         raise NotFoundError(f"no unfinished failover of {name!r} on target {root}")
     notes: list[str] = []
@@ -512,21 +453,11 @@ def rollback(conn: libvirt.virConnect, root: Path, name: str) -> list[str]:
     return notes
 
 
-def _unfinished(root: Path, ro: Store, name: str, kind: str) -> list[rc.Journal]:
-    """Unfinished runs of ``kind`` for set ``name``, or for the sets whose runs recovered domain ``name``."""
-    sets = (
-        [name]
-        if name in ro.sets()
-        else [s for s in ro.sets() if any(d.original == name for j in journals(root, s) for d in j.domains)]
-    )
-    return [j for s in sets for j in journals(root, s) if j.kind == kind and j.state != "done"]
-
-
-def cleanup_tests(conn: libvirt.virConnect, root: Path, name: str) -> tuple[list[str], list[str]]:
+def cleanup_tests(conn: lv.Connection, root: Path, name: str) -> tuple[list[str], list[str]]:
     """Remove every unfinished test failover of set (or domain) ``name``: (runs removed, notes)."""
     validate_name(name, "group or domain name")
     ro = Store.open(root, create=False, readonly=True)
-    runs = _unfinished(root, ro, name, "test-failover")
+    runs = unfinished(root, ro, name, "test-failover")
     if not runs:
         raise NotFoundError(f"no test failover of {name!r} on target {root}")
     notes: list[str] = []

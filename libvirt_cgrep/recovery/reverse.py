@@ -32,21 +32,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
+from libvirt_cgrep.adapters import faults, qemu_img
 from libvirt_cgrep.adapters import libvirt as lv
-from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.adapters.fs import save_file
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery as rc
+from libvirt_cgrep.core.domxml import disks_of
 from libvirt_cgrep.core.extents import Extent, data_bytes
 from libvirt_cgrep.core.plan import point_id as make_point_id
-from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend, disks_of
+from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 from libvirt_cgrep.engine.sync import coverage, read_stamp, sync
 from libvirt_cgrep.errors import ConflictError, NotFoundError, StateError
 from libvirt_cgrep.recovery import failover as fo
-from libvirt_cgrep.replica.link import Link, Target, parse_target
-from libvirt_cgrep.replica.receiver import manifest_from_dict, manifest_to_dict
+from libvirt_cgrep.recovery import journal as jr
+from libvirt_cgrep.replica.client import Client
+from libvirt_cgrep.replica.link import Target, parse_target
 from libvirt_cgrep.replica.ship import DiskShipment, RateLimit, extents_of, ship_disk
 from libvirt_cgrep.replica.store import StagedWriter, Store
 
@@ -55,13 +55,7 @@ log = logging.getLogger(__name__)
 
 def active_failover(root: Path, name: str) -> rc.Journal:
     """The unfinished failover run of set (or domain) ``name`` on this target."""
-    ro = Store.open(root, create=False, readonly=True)
-    sets = (
-        [name]
-        if name in ro.sets()
-        else [s for s in ro.sets() if any(d.original == name for j in fo.journals(root, s) for d in j.domains)]
-    )
-    runs = [j for s in sets for j in fo.journals(root, s) if j.kind == "failover" and j.state != "done"]
+    runs = jr.unfinished(root, Store.open(root, create=False, readonly=True), name, "failover")
     if not runs:
         raise NotFoundError(f"{name!r} is not failed over on target {root}")
     return max(runs, key=lambda j: j.run)
@@ -117,32 +111,23 @@ class ReverseResult:
         }
 
 
-def _seed(link: Link, root: Path, j: rc.Journal, p: mf.Manifest, conn: libvirt.virConnect) -> tuple[int, list[str]]:
+def _seed(link: Client, root: Path, j: rc.Journal, p: mf.Manifest, conn: lv.Connection) -> tuple[int, list[str]]:
     """Commit the common point P on the far target from the old primary's images (copied there) or by shipping P."""
     names = {d.original: d for d in j.domains}
     disks = [d for d in p.disks if d.domain in names]
-    probes = link.request({"op": "probe", "paths": [d.primary_base for d in disks], "exists": [d.source_image for d in disks]})
+    probes = link.probe([d.primary_base for d in disks], [d.source_image for d in disks])
     images: dict[str, str] = j.extra["images"]
-    seeds: list[list[str]] = []
+    seeds: list[tuple[str, str, str]] = []
     full: list[tuple[mf.DiskRecord, str]] = []
-    for d, probe, frozen_left in zip(disks, probes["images"], probes["exists"], strict=True):
+    for d, probe, frozen_left in zip(disks, probes.images, probes.exists, strict=True):
         why = _stamp_ok(probe, root, j.set_name, p, d.virtual_size)
         if why is None and frozen_left and d.source_image != d.primary_base:
             why = f"P's frozen layer {d.source_image} was not folded into {d.primary_base}"
         if why is None:
-            seeds.append([names[d.domain].name, d.target, d.primary_base])
+            seeds.append((names[d.domain].name, d.target, d.primary_base))
         else:
             full.append((d, why))
-    link.request(
-        {
-            "op": "begin",
-            "set": j.set_name,
-            "point_id": p.point_id,
-            "parent": None,
-            "disks": [[names[d.domain].name, d.target, d.virtual_size, True] for d in disks],
-            "seed": seeds,
-        }
-    )
+    link.begin(j.set_name, p.point_id, None, [(names[d.domain].name, d.target, d.virtual_size, True) for d in disks], seed=seeds)
     shipped: dict[tuple[str, str], int] = {}
     for d, _ in full:
         img = images[f"{d.domain}/{d.target}"]
@@ -177,18 +162,12 @@ def _seed(link: Link, root: Path, j: rc.Journal, p: mf.Manifest, conn: libvirt.v
         ),
         extra={"seeded_from": "old primary" if not full else "mixed", "common_point": p.point_id},
     )
-    link.request(
-        {
-            "op": "commit",
-            "manifest": manifest_to_dict(manifest),
-            "shipped": [[a, b, n] for (a, b), n in shipped.items()],
-        }
-    )
+    link.commit(manifest, [(a, b, n) for (a, b), n in shipped.items()])
     return sum(shipped.values()), [f"{d.domain}/{d.target}: {why}" for d, why in full]
 
 
 def reverse(
-    conn: libvirt.virConnect,
+    conn: lv.Connection,
     uri: str,
     root: Path,
     name: str,
@@ -206,11 +185,11 @@ def reverse(
     prev = j.extra.get("reverse")
     if prev and prev.get("to") != str(to):
         raise ConflictError(f"{j.set_name} is already protected back to {prev['to']}")
-    link = Link(to)
+    link = Client(to)
     seeded, seed_bytes = False, 0
     seed_full: list[str] = []
     try:
-        pts = link.request({"op": "points", "set": j.set_name})["points"]
+        pts = link.points(j.set_name).points
         if not pts:
             progress(f"seeding point {p.point_id} on {to} from the old primary's images")
             seed_bytes, seed_full = _seed(link, root, j, p, conn)
@@ -220,8 +199,8 @@ def reverse(
     finally:
         link.close()
     if seeded:
-        j = j.step(fo.utcnow(), f"reverse: {to} seeded with point {p.point_id}", extra={**j.extra, "reverse": {"to": str(to)}})
-        fo.save_journal(root, j)
+        j = j.step(jr.utcnow(), f"reverse: {to} seeded with point {p.point_id}", extra={**j.extra, "reverse": {"to": str(to)}})
+        jr.save_journal(root, j)
     disk_bytes = sum(d.virtual_size for d in p.disks if j.domain(d.domain))
     backends = [LibvirtBackend(lv.connect(uri), d.name, uri) for d in j.domains]
     try:
@@ -230,8 +209,8 @@ def reverse(
         for b in backends:
             with contextlib.suppress(Exception):
                 b.close()
-    j = j.step(fo.utcnow(), f"reverse: point {res.point_id} shipped to {to}")
-    fo.save_journal(root, j)
+    j = j.step(jr.utcnow(), f"reverse: point {res.point_id} shipped to {to}")
+    jr.save_journal(root, j)
     changed = sum(d.changed_bytes for d in res.disks)
     shipped = sum(d.bytes_shipped for d in res.disks)
     return ReverseResult(
@@ -256,14 +235,14 @@ def _now_id() -> str:
     return make_point_id(datetime.now(UTC))
 
 
-def _final_point(conn: libvirt.virConnect, j: rc.Journal, to: Target) -> mf.Manifest:
+def _final_point(conn: lv.Connection, j: rc.Journal, to: Target) -> mf.Manifest:
     """Ship what the stopped recovered domains wrote since the newest point on ``to``; commit it there."""
-    link = Link(to)
+    link = Client(to)
     try:
-        pts = link.request({"op": "points", "set": j.set_name})["points"]
+        pts = link.points(j.set_name).points
         if not pts:
             raise StateError(f"{to} holds no point of {j.set_name}: run 'reverse' first")
-        newest = manifest_from_dict(pts[-1])
+        newest = pts[-1]
         plans = []
         domains = []
         for r in j.domains:
@@ -281,15 +260,7 @@ def _final_point(conn: libvirt.virConnect, j: rc.Journal, to: Target) -> mf.Mani
                 )
                 plans.append((DiskShipment(r.name, disk.target, chain, depth, full, layers[0].virtual_size), base))
         pid = _now_id()
-        link.request(
-            {
-                "op": "begin",
-                "set": j.set_name,
-                "point_id": pid,
-                "parent": newest.point_id,
-                "disks": [[s.domain, s.target, s.virtual_size, s.full] for s, _ in plans],
-            }
-        )
+        link.begin(j.set_name, pid, newest.point_id, [(s.domain, s.target, s.virtual_size, s.full) for s, _ in plans])
         sent = {}
         for s, _ in plans:
             sent[(s.domain, s.target)] = ship_disk(
@@ -309,16 +280,13 @@ def _final_point(conn: libvirt.virConnect, j: rc.Journal, to: Target) -> mf.Mani
                 for s, base in plans
             ),
         )
-        reply = link.request(
-            {"op": "commit", "manifest": manifest_to_dict(manifest), "shipped": [[a, b, n] for (a, b), n in sent.items()]}
-        )
-        return manifest_from_dict(reply["manifest"])
+        return link.commit(manifest, [(a, b, n) for (a, b), n in sent.items()]).manifest
     finally:
         link.close()
 
 
 def _seed_home(
-    root: Path, j: rc.Journal, *, p: mf.Manifest, final: mf.Manifest, to_root: Path, home_run: str, conn: libvirt.virConnect
+    root: Path, j: rc.Journal, *, p: mf.Manifest, final: mf.Manifest, to_root: Path, home_run: str, conn: lv.Connection
 ) -> int:
     """Commit ``final`` on this (the replica's) target from the recovered chains, locally: a delta over P.
 
@@ -327,7 +295,7 @@ def _seed_home(
     the original direction ships deltas. Returns the bytes written; 0 (and no
     point) when this target has points newer than P (the next cycle is then a full copy).
     """
-    with fo.locked(root) as store:
+    with jr.locked(root) as store:
         pts = store.points(j.set_name)
         if pts and pts[-1].point_id == final.point_id:
             return 0  # done before (resumed)
@@ -449,12 +417,12 @@ class HomeStart:
 class Home:
     """The original site's libvirt, for a ``TO`` that is a local path (an ssh ``TO``'s receiver uses its own)."""
 
-    conn: libvirt.virConnect
+    conn: lv.Connection
     uri: str
 
 
 def start_home(
-    conn: libvirt.virConnect,
+    conn: lv.Connection,
     uri: str,
     to_root: Path,
     set_name: str,
@@ -469,7 +437,7 @@ def start_home(
     """
     if start is None:
         ro = Store.open(to_root, create=False, readonly=True)
-        journals = fo.journals(to_root, set_name) if set_name in ro.sets() else []
+        journals = jr.journals(to_root, set_name) if set_name in ro.sets() else []
         runs = [r for r in journals if r.kind == "failback" and r.state == "preparing"]
         if not runs:
             raise NotFoundError(f"no failback of {set_name!r} to finish on {to_root}")
@@ -499,24 +467,22 @@ def _start_home(
         if home is None:
             raise StateError("failback to a local path needs the original site's libvirt")
         return start_home(home.conn, home.uri, Path(to.path), set_name, start, progress=progress)
-    link = Link(to)
+    link = Client(to)
     try:
         if "failback-start" not in link.features:
             raise StateError(f"the receiver on {to.host} cannot start a failback: update libvirt-cgrep there")
-        r = link.request({"op": "failback-start", "set": set_name, "start": None if start is None else asdict(start)})
+        r = link.failback_start(set_name, None if start is None else asdict(start))
     finally:
         link.close()
-    return str(r["point"]), str(r["run"]), tuple(str(n) for n in r["originals"])
+    return r.point, r.run, r.originals
 
 
-#: Test-only fault injection: ``after-retire`` kills ``failback`` between retiring the run and starting at home.
-FAULT_ENV = "CGREP_FAULT_FAILBACK"
 #: In the replica's ``SET/recovery/`` while a failback's home start is owed: the :class:`HomeStart` as JSON.
 PENDING = "failback-start.json"
 
 
 def _pending_path(root: Path, set_name: str) -> Path:
-    return fo.recovery_dir(root, set_name) / PENDING
+    return jr.recovery_dir(root, set_name) / PENDING
 
 
 def _forget_pending(pending: Path) -> None:
@@ -526,19 +492,19 @@ def _forget_pending(pending: Path) -> None:
 
 
 def _point_on(to: Target, set_name: str, point_id: str) -> mf.Manifest:
-    link = Link(to, readonly=True)
+    link = Client(to, readonly=True)
     try:
-        pts = link.request({"op": "points", "set": set_name})["points"]
+        pts = link.points(set_name).points
     finally:
         link.close()
-    for m in (manifest_from_dict(d) for d in pts):
+    for m in pts:
         if m.point_id == point_id:
             return m
     raise NotFoundError(f"{to} lacks the final point {point_id} of {set_name}")
 
 
 def failback(
-    conn: libvirt.virConnect,
+    conn: lv.Connection,
     uri: str,
     root: Path,
     name: str,
@@ -575,10 +541,10 @@ def failback(
             lv.call(f"pausing {r.name!r}", dom.suspend)
     for r in j.domains:
         dom = lv.lookup(conn, r.name)
-        if dom.isActive():
+        if lv.is_active(dom):
             lv.call(f"stopping {r.name!r}", dom.destroy)
-    j = j.step(fo.utcnow(), "failback: recovered domains held and stopped")
-    fo.save_journal(root, j)
+    j = j.step(jr.utcnow(), "failback: recovered domains held and stopped")
+    jr.save_journal(root, j)
     progress("recovered domains stopped")
     # 2. the final point on the original site
     fb = j.extra.get("failback", {})
@@ -586,11 +552,11 @@ def failback(
     final_shipped = sum(d.bytes_shipped for d in final.disks)
     home_run = fb.get("home_run") or rc.run_id("failback", datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ"))
     j = j.step(
-        fo.utcnow(),
+        jr.utcnow(),
         f"failback: final point {final.point_id} on {to}",
         extra={**j.extra, "failback": {"final": final.point_id, "home_run": home_run}},
     )
-    fo.save_journal(root, j)
+    jr.save_journal(root, j)
     progress(f"final point {final.point_id} committed on {to}")
     # 3. this target learns the final point locally: protection resumes with deltas.
     home_bytes = _seed_home(root, j, p=p, final=final, to_root=Path(to.path), home_run=home_run, conn=conn)
@@ -602,8 +568,7 @@ def failback(
     pending = _pending_path(root, j.set_name)
     save_file(pending, json.dumps(asdict(start)).encode(), 0o600)
     fo.cleanup_run(conn, root, j)
-    if os.environ.get(FAULT_ENV) == "after-retire":
-        os._exit(99)
+    faults.die_at("FAILBACK", "after-retire")  # tests: an interruption between retiring the run and starting at home
     _, _, names = _start_home(to, home, j.set_name, start, progress)
     _forget_pending(pending)
     return FailbackResult(final.point_id, final_shipped, home_bytes, names, home_run, time.monotonic() - t0)

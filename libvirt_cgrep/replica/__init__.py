@@ -1,1 +1,1 @@
-"""Replica targets: the on-disk format, the stream protocol, the receiver and the sender."""
+"""Replica targets (library): the on-disk format, the stream protocol and its client, the link, the sender."""

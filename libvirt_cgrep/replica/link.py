@@ -101,7 +101,7 @@ def receiver_argv(target: Target, *, readonly: bool = False, serve: bool = False
     if target.host is None:
         if serve:
             return [sys.executable, "-m", "libvirt_cgrep", "receive", *mode, target.path]
-        return [sys.executable, "-m", "libvirt_cgrep.replica.serve", *mode, target.path]  # lean: no CLI imports per cycle
+        return [sys.executable, "-m", "libvirt_cgrep.server.serve", *mode, target.path]  # lean: no CLI imports per cycle
     remote = shlex.split(os.environ.get(REMOTE_CMD_ENV, "virt-cgrep"))
     argv = ssh_argv(target, *ssh_options)
     # ssh joins the remote words with spaces for the remote shell: quote each one.
@@ -130,8 +130,10 @@ class Link:
         try:
             proto.write_header(self.writer)
             proto.read_header(self.reader)
+            #: the receiver's first reply
+            self.hello = proto.Hello.from_wire(self._reply())
             #: the receiver's optional protocol features (protocol.FEATURES)
-            self.features = frozenset(str(f) for f in self._reply().get("features", ()))
+            self.features = frozenset(self.hello.features)
         except proto.StreamError as exc:
             raise proto.StreamError(f"{exc}{self._stderr_tail()}") from exc
         except BaseException:
@@ -161,11 +163,11 @@ class Link:
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self._broken()
 
-    def send_file_extents(self, msg: dict[str, Any], fd: int, parts: list[tuple[int, int, int]]) -> None:
-        """One ``datav`` message: ``parts`` are (disk offset, file offset, length), the payload sent with ``sendfile``."""
-        ext = [[o, n] for o, _, n in parts]
+    def send_file_extents(self, msg: proto.DataV, fd: int, file_offsets: list[int]) -> None:
+        """One ``datav`` message, its extents' bytes read from ``fd`` at ``file_offsets`` and sent with ``sendfile``."""
+        parts = [(o, f, n) for (o, n), f in zip(msg.ext, file_offsets, strict=True)]
         try:
-            proto.send(self.writer, {**msg, "op": "datav", "ext": ext, "n": sum(n for _, _, n in parts)})
+            proto.send(self.writer, msg.to_wire())
             self.writer.flush()
             for _, offset, length in parts:
                 self._sendfile(fd, offset, length)
@@ -213,7 +215,7 @@ class Link:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            proto.send(self.writer, {"op": "bye"})
+            proto.send(self.writer, proto.Bye().to_wire())
             self.writer.flush()
         for f in (self.writer, self.reader):
             with contextlib.suppress(Exception):

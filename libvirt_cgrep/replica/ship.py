@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from libvirt_cgrep.adapters.proc import run
+from libvirt_cgrep.adapters import qemu_img
 from libvirt_cgrep.core.extents import Extent, data_bytes, plan_extents, read_order
 from libvirt_cgrep.replica import protocol as proto
-from libvirt_cgrep.replica.link import Link
+from libvirt_cgrep.replica.client import Client
 
 CHUNK = 4 << 20
 #: at most this many extents share one ``datav`` message
@@ -41,7 +41,7 @@ class DiskShipment:
 
 def read_map(image: str) -> list[dict[str, object]]:
     """``qemu-img map --output=json`` of a frozen image (its whole chain): what :func:`plan_extents` selects from."""
-    out: list[dict[str, object]] = json.loads(run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", image], timeout=600))
+    out: list[dict[str, object]] = qemu_img.map_json(image)
     return out
 
 
@@ -68,7 +68,7 @@ class RateLimit:
 
 
 def ship_disk(
-    link: Link,
+    link: Client,
     d: DiskShipment,
     extents: Sequence[Extent],
     *,
@@ -91,7 +91,6 @@ def ship_disk(
     sent = 0
     total = data_bytes(extents)
     done = 0
-    head = {"domain": d.domain, "target": d.target}
     batched = compress is None and "datav" in link.features
     batch: list[tuple[int, int, int]] = []  # (disk offset, file offset, length) in batch_fd
     batch_fd, batch_n = -1, 0
@@ -102,7 +101,7 @@ def ship_disk(
             return
         n, batch_n = batch_n, 0
         limiter.take(n)
-        link.send_file_extents(head, batch_fd, batch)
+        link.datav_file(d.domain, d.target, batch_fd, batch)
         sent += n
         done += n
         progress(done, total)
@@ -112,7 +111,7 @@ def ship_disk(
         for x in read_order(extents):
             if x.kind == "zero":
                 flush()
-                link.send({"op": "zero", **head, "offset": x.start, "length": x.length})
+                link.zero(d.domain, d.target, x.start, x.length)
                 continue
             fd = fds.get(x.depth)
             if fd is None:
@@ -128,11 +127,10 @@ def ship_disk(
                     batch.append((x.start + i, x.offset + i, n))
                     batch_n += n
                     continue
-                msg = {"op": "data", **head, "offset": x.start + i}
                 if compress is None:
                     # uncompressed: the kernel moves the image's pages into the link (sendfile)
                     limiter.take(n)
-                    link.send_file(msg, fd, x.offset + i, n)
+                    link.data_file(d.domain, d.target, x.start + i, (fd, x.offset + i, n))
                     sent += n
                     done += n
                     progress(done, total)
@@ -142,9 +140,7 @@ def ship_disk(
                     raise proto.StreamError(f"short read from {d.chain[x.depth]} at {x.offset + i}")
                 payload, z = proto.compress(buf, compress)
                 limiter.take(len(payload))
-                if z:
-                    msg["z"] = z
-                link.send(msg, payload)
+                link.data(d.domain, d.target, x.start + i, payload, z=z)
                 sent += len(payload)
                 done += n
                 progress(done, total)
@@ -155,19 +151,18 @@ def ship_disk(
     return sent
 
 
-def _copy_disk(link: Link, d: DiskShipment, extents: Sequence[Extent], *, limiter: RateLimit, progress: Progress) -> int:
+def _copy_disk(link: Client, d: DiskShipment, extents: Sequence[Extent], *, limiter: RateLimit, progress: Progress) -> int:
     """:func:`ship_disk` to a receiver on this host: ``copyv`` messages, up to :data:`COPY_EXTENTS` each."""
-    head = {"domain": d.domain, "target": d.target}
     total = data_bytes(extents)
     done = 0
-    batch: list[list[int]] = []
+    batch: list[tuple[int, int, int]] = []
     batch_depth = -1
 
     def flush() -> None:
         nonlocal done, batch
         if batch:
             # flushed: the receiver copies while this side reads the next disk's map
-            link.send({"op": "copyv", **head, "path": os.path.abspath(d.chain[batch_depth]), "ext": batch}, flush=True)
+            link.copyv(d.domain, d.target, os.path.abspath(d.chain[batch_depth]), batch)
             done += sum(n for _, _, n in batch)
             progress(done, total)
             batch = []
@@ -175,14 +170,14 @@ def _copy_disk(link: Link, d: DiskShipment, extents: Sequence[Extent], *, limite
     for x in read_order(extents):
         if x.kind == "zero":
             flush()
-            link.send({"op": "zero", **head, "offset": x.start, "length": x.length})
+            link.zero(d.domain, d.target, x.start, x.length)
             continue
         assert x.offset is not None
         if x.depth != batch_depth or len(batch) >= COPY_EXTENTS:
             flush()
             batch_depth = x.depth
         limiter.take(x.length)
-        batch.append([x.start, x.offset, x.length])
+        batch.append((x.start, x.offset, x.length))
     flush()
     return done
 

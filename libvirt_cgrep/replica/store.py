@@ -32,9 +32,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from libvirt_cgrep.adapters import nbd
+from libvirt_cgrep.adapters import faults, nbd, qemu_img
 from libvirt_cgrep.adapters.fs import fsync_dir, fsync_file, save_file
-from libvirt_cgrep.adapters.proc import run
 from libvirt_cgrep.adapters.qcow2 import Qcow2Writer, Unaligned, create_image
 from libvirt_cgrep.core import manifest as mf
 from libvirt_cgrep.core import recovery
@@ -308,8 +307,8 @@ class Store:
                 seed = (seeds or {}).get((domain, target))
                 seeded = seed is not None and backing is None
                 staged.append(StagedDisk(domain, target, size, path, final, backing, seeded))  # so a failure removes it
-                if seeded:
-                    run(["qemu-img", "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(seed), str(path)], timeout=3600)
+                if seed is not None and seeded:
+                    qemu_img.convert_qcow2(seed, path)
                     continue
                 # an empty image (in-process): a valid image even if no writer follows; a StagedWriter rewrites it
                 create_image(path, size, backing, mode=0o600)
@@ -402,15 +401,14 @@ class Store:
             x_img = c_img.parent / mf.point_file(x_id)
             if x_img.exists() and d.backing == x_img.name:
                 # C's view never changes: commit writes only clusters C has into X.
-                run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(c_img)], timeout=3600)
+                qemu_img.commit_into_backing(c_img)
                 fsync_file(x_img)
                 os.replace(x_img, c_img)
                 fsync_dir(c_img.parent)
         new_disks = []
         for d in c.disks:
             c_img = sdir / d.image
-            info = run(["qemu-img", "info", "-U", "--output=json", str(c_img)], timeout=60)
-            backing = json.loads(info).get("backing-filename")
+            backing = qemu_img.backing_name(c_img)
             new_disks.append(replace(d, backing=backing, sha256=sha256_file(c_img)))
         parent = (intent["parent"] or None) if c.parent == x_id else c.parent
         save_file(sdir / "points" / f"{c_id}.json", replace(c, disks=tuple(new_disks), parent=parent).to_json(), 0o600)
@@ -422,5 +420,4 @@ def _parse_time(s: str) -> datetime:
 
 def _fault(where: str) -> None:
     """Test-only fault injection: CGREP_FAULT_RECEIVER=<where> kills this process there."""
-    if os.environ.get("CGREP_FAULT_RECEIVER") == where:
-        os._exit(99)
+    faults.die_at("RECEIVER", where)

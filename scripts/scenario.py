@@ -28,6 +28,13 @@ the primary's files) and the exit status is 0 only if all passed; nothing is
 left running on either site (the agent, the relays, the sshd and every
 domain the walk made are stopped on every path). ``--clean`` removes what it
 left on disk.
+
+A script of this checkout, not a module of the installed package: run it as
+``.venv/bin/python scripts/scenario.py`` (scripts/demo, vagrant/scenario). Its
+replica-site steps run this same file on the replica site (``--call FN JSON``
+over ssh), which the two-host mode can do because both hosts hold the checkout
+at the same path. Exit status 0 if every check passed, 1 (InconsistentError's)
+if one failed, other statuses through :func:`libvirt_cgrep.errors.exit_code_for`.
 """
 
 from __future__ import annotations
@@ -49,12 +56,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from libvirt_cgrep.adapters import libvirt as lv
 from libvirt_cgrep.adapters.proc import stop
 from libvirt_cgrep.core.rpo import parse_duration
-from libvirt_cgrep.errors import UsageError
+from libvirt_cgrep.errors import EXIT_OK, CgrepError, CommandError, InconsistentError, UsageError, exit_code_for
 from libvirt_cgrep.lab import domain as labdom
 from libvirt_cgrep.lab import relay
 from libvirt_cgrep.lab.check import check_images
@@ -66,6 +71,8 @@ GROUP = "demo"
 BOLD, RESET = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
 #: Where the replica site keeps the replica in a two-host walk (``--local``: beside the primary's files).
 REPLICA_ROOT = Path("/var/lib/libvirt-cgrep/scenario")
+#: This file: the replica site runs it at the same path (the checkout is there too).
+SCRIPT = Path(__file__).resolve()
 
 
 @dataclass
@@ -93,8 +100,8 @@ class Summary:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
 
-class ScenarioError(Exception):
-    """A step could not run (as opposed to a check that ran and failed)."""
+class ScenarioError(CommandError):
+    """A step could not run (as opposed to a check that ran and failed): a site's command failed or stalled."""
 
 
 # -- what a site does for the walk: plain JSON in, JSON out, so it runs the same over ssh -----------
@@ -130,8 +137,8 @@ def _listing(uri: str, root: str) -> list[list[str]]:
     conn = lv.connect(uri)
     base = Path(root)
     try:
-        doms = sorted(d.name() for d in conn.listAllDomains(0) if _ours(d, base))
-        nets = sorted(n.name() for n in conn.listAllNetworks(0) if n.name().startswith(f"cgrep-{GROUP}-"))
+        doms = sorted(lv.domain_name(d) for d in lv.list_domains(conn) if _ours(d, base))
+        nets = sorted(n for n in map(lv.network_name, lv.list_networks(conn)) if n.startswith(f"cgrep-{GROUP}-"))
     finally:
         conn.close()
     return [doms, nets, sorted(str(f.relative_to(base)) for f in base.rglob("*") if not transient(f.name))]
@@ -218,10 +225,10 @@ class Site:
         return json.loads(self.cli(*args, "--json").stdout)
 
     def call(self, fn: str, **kwargs: Any) -> Any:
-        """One of :data:`CALLS` on this site: in this process here, in this module's ``--call`` over ssh."""
+        """One of :data:`CALLS` on this site: in this process here, in this script's ``--call`` over ssh."""
         if self.ssh is None:
             return CALLS[fn](**kwargs)
-        out = self._run([sys.executable, "-m", "libvirt_cgrep.lab.scenario", "--call", fn, json.dumps(kwargs)], timeout=900)
+        out = self._run([sys.executable, str(SCRIPT), "--call", fn, json.dumps(kwargs)], timeout=900)
         if out.returncode != 0:
             raise ScenarioError(f"[{self.name}] {fn}: exit {out.returncode}: {out.stderr.strip()[-500:]}")
         return json.loads(out.stdout)
@@ -410,7 +417,7 @@ def run(walk: Walk) -> None:
     conn = lv.connect(p.uri)
     try:
         for n in members:
-            lv.lookup(conn, n).destroy()
+            lv.call(f"destroying {n!r}", lv.lookup(conn, n).destroy)
     finally:
         conn.close()
     newest = walk.replica_points()[-1]
@@ -492,11 +499,11 @@ def run(walk: Walk) -> None:
     p.call("relay_stop")
 
 
-def _ours(dom: libvirt.virDomain, root: Path) -> bool:
+def _ours(dom: lv.Domain, root: Path) -> bool:
     """A domain of the walk: a member of its group, or one whose disks live under its directory."""
     try:
-        return dom.name().startswith(f"{GROUP}-") or str(root) in dom.XMLDesc(0)
-    except libvirt.libvirtError:  # gone meanwhile (other domains come and go)
+        return lv.domain_name(dom).startswith(f"{GROUP}-") or str(root) in lv.live_xml(dom)
+    except CgrepError:  # gone meanwhile (other domains come and go)
         return False
 
 
@@ -512,19 +519,13 @@ def clean(root: Path, uri: str) -> None:
     try:
         with contextlib.suppress(Exception):
             relay.stop(labdom.group_dir(GROUP), GROUP)
-        for d in conn.listAllDomains(0):
+        for d in lv.list_domains(conn):
             if _ours(d, root):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if d.isActive():
-                        d.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    d.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        for n in conn.listAllNetworks(0):
-            if n.name().startswith(f"cgrep-{GROUP}-"):
-                with contextlib.suppress(libvirt.libvirtError):
-                    n.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    n.undefine()
+                lv.discard(d)
+        for n in lv.list_networks(conn):
+            with contextlib.suppress(CgrepError):  # gone meanwhile
+                if lv.network_name(n).startswith(f"cgrep-{GROUP}-"):
+                    lv.discard_network(n)
     finally:
         conn.close()
     shutil.rmtree(labdom.group_dir(GROUP), ignore_errors=True)
@@ -539,10 +540,9 @@ def teardown(root: Path, uri: str) -> None:
     try:
         with contextlib.suppress(Exception):
             relay.stop(labdom.group_dir(GROUP), GROUP)
-        for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        for d in lv.active_domains(conn):
             if _ours(d, root):
-                with contextlib.suppress(libvirt.libvirtError):
-                    d.destroy()
+                lv.destroy_quietly(d)
     finally:
         conn.close()
 
@@ -602,13 +602,31 @@ def sites(args: argparse.Namespace, root: Path) -> Iterator[tuple[Site, Site, Pa
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting (the status comes from the error tree)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--call":  # a step of a walk run from the other site
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the answer only
-            answer = CALLS[sys.argv[2]](**json.loads(sys.argv[3]))
-        print(json.dumps(answer), flush=True)
-        return 0
-    ap = argparse.ArgumentParser(prog="scenario", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    """Run the walk (or one ``--call`` of it); the exit status comes from :func:`libvirt_cgrep.errors.exit_code_for`."""
+    try:
+        if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--call":  # a step of a walk run from the other site
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the answer only
+                answer = CALLS[sys.argv[2]](**json.loads(sys.argv[3]))
+            print(json.dumps(answer), flush=True)
+            return EXIT_OK
+        return _walk(argv)
+    except CgrepError as exc:
+        print(f"scenario: {exc}", file=sys.stderr, flush=True)
+        return exit_code_for(exc)
+    except KeyboardInterrupt as exc:
+        return exit_code_for(exc)
+
+
+def _walk(argv: Sequence[str] | None) -> int:
+    ap = _Parser(prog="scenario.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="one host: the replica site is this host over a loopback sshd")
     mode.add_argument("--replica-host", metavar="[USER@]HOST[:PORT]", help="two hosts: the replica site (needs --primary-host)")
@@ -626,14 +644,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=None, help="working directory (default: under the lab root)")
     args = ap.parse_args(argv)
     if not (args.local or args.replica_host or args.clean):
-        ap.error("one of --local, --replica-host or --clean is required")
+        raise UsageError("one of --local, --replica-host or --clean is required")
     if args.replica_host and not args.primary_host:
-        ap.error("--replica-host needs --primary-host (how the replica site reaches this one)")
+        raise UsageError("--replica-host needs --primary-host (how the replica site reaches this one)")
     try:
         for spec in filter(None, (args.replica_host, args.primary_host)):
             _host(spec)
     except UsageError as exc:
-        ap.error(f"invalid host: {exc}")
+        raise UsageError(f"invalid host: {exc}") from exc
     root: Path = args.root or labdom.lab_root() / "scenario"
     if args.clean:
         clean(root, args.connect)
@@ -642,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             replica = _site("replica", args.connect, _host(args.replica_host), remote=True, env=_forwarded())
             replica.call("clean", uri=args.connect, root=str(args.replica_root), fresh=False)
             print(f"scenario: removed the recovery domains and {args.replica_root} on {args.replica_host}")
-        return 0
+        return EXIT_OK
     clean(root, args.connect)
     root.mkdir(parents=True, mode=0o755)
     started = time.monotonic()
@@ -666,7 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary.seconds = time.monotonic() - started
         (root / "summary.json").write_text(json.dumps(asdict(summary), indent=1) + "\n")
         print_summary(summary)
-    return 0 if summary.ok else 1
+    if summary.ok:
+        return EXIT_OK
+    failed = ", ".join(c.step for c in summary.checks if not c.ok) or "no check ran"
+    return exit_code_for(InconsistentError(f"failed: {failed}"))  # 1: the story's checks did not all hold
 
 
 if __name__ == "__main__":

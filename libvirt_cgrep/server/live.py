@@ -33,32 +33,31 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
-from libvirt_cgrep.adapters import nbd, qemu_img
+from libvirt_cgrep.adapters import faults, nbd, qemu_img
 from libvirt_cgrep.adapters.fs import fsync_dir, save_file
-from libvirt_cgrep.adapters.proc import run
-from libvirt_cgrep.adapters.qmp import QMPOutcomeUnknown
 from libvirt_cgrep.adapters.qsd import StorageDaemon
 from libvirt_cgrep.core import continuous as cc
 from libvirt_cgrep.core import manifest as mf
-from libvirt_cgrep.core.retention import PointTime, Policy
+from libvirt_cgrep.core.retention import PointTime
 from libvirt_cgrep.core.retention import prune as prune_ids
 from libvirt_cgrep.engine.libvirt_backend import qemu_owner
-from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, StateError, UsageError
+from libvirt_cgrep.errors import CgrepError, InternalError, QMPError, QMPOutcomeUnknown, StateError, UsageError
 from libvirt_cgrep.replica import protocol as proto
-from libvirt_cgrep.replica.receiver import IdleTimeout, manifest_from_dict, manifest_to_dict, on_idle_alarm, points_reply
 from libvirt_cgrep.replica.store import StagedDisk, Store, _parse_time, sha256_file
+from libvirt_cgrep.server.receiver import IdleTimeout, on_idle_alarm, points_reply
 
 #: Where the daemon's sockets live (a short path: unix socket names are limited to 107 bytes).
 RUN_DIR_ENV = "CGREP_RUN_DIR"
 #: Test-only negative control: cut disk by disk, this many ms apart (never one transaction).
-FAULT_SPLIT_CUT_ENV = "CGREP_FAULT_SPLIT_CUT_MS"
+FAULT_SPLIT_CUT_ENV = faults.env_name("SPLIT_CUT_MS")
 #: Test-only: ``final`` reports digests that match no disk (the mismatch path of a restart).
-FAULT_FINAL_DIGEST_ENV = "CGREP_FAULT_FINAL_DIGEST"
+FAULT_FINAL_DIGEST_ENV = faults.env_name("FINAL_DIGEST")
 #: The session ends when the primary is silent this long (it pings every 0.5 s).
 IDLE_S = 30
 
@@ -87,18 +86,18 @@ class ServeSession:
         self.final_point = False
 
     # ---------------------------------------------------------------- start
-    def start(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def start(self, req: proto.Start) -> dict[str, Any]:
         if self.daemon is not None:
             raise StateError("this session already serves a set")
-        set_name = str(msg["set"])
+        set_name = req.set_name
         sdir = self.store.set_dir(set_name)
-        disks = [(str(d), str(t), int(s)) for d, t, s in msg["disks"]]
+        disks = list(req.disks)
         if not disks:
             raise UsageError("continuous mode needs at least one disk")
         (sdir / "points").mkdir(parents=True, exist_ok=True, mode=0o700)
         pts = self.store.points(set_name)
         newest = pts[-1] if pts else None
-        resume = str(msg["resume"]) if msg.get("resume") else None
+        resume = req.resume
         chains: dict[tuple[str, str], list[tuple[str, mf.DiskRecord]]] = {}
         if resume is not None:
             chains = self._resume_chains(pts, resume, disks)
@@ -116,10 +115,7 @@ class ServeSession:
                 path = sdir / d.image
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path.unlink(missing_ok=True)
-                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-                if d.backing:
-                    argv += ["-u", "-F", "qcow2", "-b", d.backing]
-                run([*argv, str(path), str(d.size)], timeout=60)
+                qemu_img.create_qcow2_over(path, d.size, d.backing)
                 made.append(path)
                 # A resumed session opens the final point's chain itself, one named node per point, so that
                 # retention merges across it in the daemon (as it merges this session's own points).
@@ -130,7 +126,7 @@ class ServeSession:
                     self.nodes.setdefault(pid, {})[(d.domain, d.target)] = node
                     below = node
                 self.daemon.add_image(d.node, str(path), backing=below)
-                self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=bool(msg.get("writethrough")))
+                self.daemon.export(cc.export_name(d.domain, d.target), d.node, writethrough=req.writethrough)
             # One NBD client per export, to flush them before each cut (outside the transaction's drain).
             self.flushers = [nbd.NBDClient(self.daemon.nbd_path, cc.export_name(d.domain, d.target)) for d in live]
         except BaseException:
@@ -139,13 +135,8 @@ class ServeSession:
                 p.unlink(missing_ok=True)
             raise
         self.live = live
-        return {
-            "ok": True,
-            "socket": self.daemon.nbd_path,
-            "pid": self.daemon.pid,
-            "exports": [[d.domain, d.target, cc.export_name(d.domain, d.target)] for d in live],
-            "parent": newest.point_id if newest else None,
-        }
+        exports = tuple((d.domain, d.target, cc.export_name(d.domain, d.target)) for d in live)
+        return proto.StartReply(self.daemon.nbd_path, self.daemon.pid, exports, newest.point_id if newest else None).to_wire()
 
     def _resume_chains(
         self, pts: list[mf.Manifest], resume: str, disks: list[tuple[str, str, int]]
@@ -171,14 +162,14 @@ class ServeSession:
             out[(domain, target)] = chain[::-1]
         return out
 
-    def final(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def final(self, req: proto.Final) -> dict[str, Any]:
         """The primary's domains stopped: stop the daemon, stage the live images as point ``point_id``, digest them.
 
         The images become a point only on ``commit`` (the primary's disks hold the same digests); else the
         session's end discards them.
         """
         _, set_name = self._require()
-        pid = str(msg["point_id"])
+        pid = req.point_id
         if not mf.valid_point_id(pid):
             raise UsageError(f"invalid point id {pid!r}")
         self._drop_prepared()
@@ -189,8 +180,8 @@ class ServeSession:
             # the frozen images, which then hold everything, as if the cut never happened.
             for st in self.pending.steps:
                 new, old = sdir / st.new.image, sdir / st.old.image
-                run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", old.name, str(new)], timeout=60)
-                run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(new)], timeout=3600)
+                qemu_img.rebase_unsafe(new, old.name)
+                qemu_img.commit_into_backing(new)
                 new.unlink()
             self.live = tuple(st.old for st in self.pending.steps)
             self.pending = None
@@ -199,9 +190,9 @@ class ServeSession:
         self.final_point = True
         t0 = time.monotonic()
         digests = {f"{d.domain}/{d.target}": qemu_img.content_digest(sdir / d.image) for d in self.live}
-        if os.environ.get(FAULT_FINAL_DIGEST_ENV):
+        if faults.value("FINAL_DIGEST"):
             digests = dict.fromkeys(digests, "0" * 64)  # test-only: a replica that differs from the primary
-        return {"ok": True, "digests": digests, "digest_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+        return proto.FinalReply(digests, round((time.monotonic() - t0) * 1000.0, 3)).to_wire()
 
     # ------------------------------------------------------------------ cut
     def _require(self) -> tuple[StorageDaemon, str]:
@@ -214,14 +205,14 @@ class ServeSession:
             raise StateError("the storage daemon died")
         return self.daemon, self.set_name
 
-    def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, req: proto.Prepare) -> dict[str, Any]:
         """Create the next live overlays' files (``qemu-img``; the daemon is not involved): slow work, before the cut."""
         _, set_name = self._require()
         if self.pending is not None:
             raise StateError("a cut is waiting for its commit")
         sdir = self.store.set_dir(set_name)
         self._drop_prepared()
-        plan = cc.plan_cut(str(msg["point_id"]), self.live, self.seq + 1)
+        plan = cc.plan_cut(req.point_id, self.live, self.seq + 1)
         if any((sdir / s.final).exists() for s in plan.steps):
             raise StateError(f"point {plan.point_id} already exists")
         t0 = time.monotonic()
@@ -229,9 +220,8 @@ class ServeSession:
         for s in plan.steps:
             path = sdir / s.new.image
             path.unlink(missing_ok=True)
-            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(s.new.backing)]
-            run([*argv, str(path), str(s.new.size)], timeout=60)
-        return {"ok": True, "point_id": plan.point_id, "prepare_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+            qemu_img.create_qcow2_over(path, s.new.size, str(s.new.backing))
+        return proto.PrepareReply(plan.point_id, round((time.monotonic() - t0) * 1000.0, 3)).to_wire()
 
     def _drop_prepared(self) -> None:
         if self.prepared is not None and self.set_name is not None:
@@ -239,14 +229,14 @@ class ServeSession:
                 (self.store.set_dir(self.set_name) / s.new.image).unlink(missing_ok=True)
         self.prepared = None
 
-    def cut(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def cut(self, req: proto.Cut) -> dict[str, Any]:
         """Add the prepared overlays (``"backing": null``), flush the exports, then ONE transaction.
 
         The frozen images wait for ``commit``.
         """
         daemon, set_name = self._require()
         plan = self.prepared
-        if plan is None or plan.point_id != msg.get("point_id"):
+        if plan is None or plan.point_id != req.point_id:
             raise StateError("cut without its prepare")
         sdir = self.store.set_dir(set_name)
         t0 = time.monotonic()
@@ -264,7 +254,7 @@ class ServeSession:
             for c in self.flushers:
                 c.wait()
             preflush_ms = (time.monotonic() - t1) * 1000.0
-            split = float(os.environ.get(FAULT_SPLIT_CUT_ENV, "0") or 0)
+            split = faults.number("SPLIT_CUT_MS")
             if split:
                 cut_ms = 0.0
                 for pair in plan.pairs():
@@ -284,15 +274,9 @@ class ServeSession:
         self.pending = plan
         self.seq = plan.seq
         self.live = tuple(s.new for s in plan.steps)
-        return {
-            "ok": True,
-            "point_id": plan.point_id,
-            "add_ms": round(add_ms, 3),
-            "preflush_ms": round(preflush_ms, 3),
-            "cut_ms": round(cut_ms, 3),
-        }
+        return proto.CutReply(plan.point_id, round(add_ms, 3), round(preflush_ms, 3), round(cut_ms, 3)).to_wire()
 
-    def commit(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, req: proto.Commit) -> dict[str, Any]:
         """Make the pending cut a point (fsync, rename, manifest last); ``abort`` ends the session instead."""
         if self.final_point and self.set_name is not None and not self.broken:
             set_name = self.set_name  # after ``final``: the daemon is stopped on purpose
@@ -302,7 +286,7 @@ class ServeSession:
         if plan is None:
             raise StateError("commit without a cut")
         sdir = self.store.set_dir(set_name)
-        draft = manifest_from_dict(msg["manifest"], committed=False)
+        draft = req.manifest
         if draft.point_id != plan.point_id:
             raise UsageError(f"commit names point {draft.point_id}, the cut was {plan.point_id}")
         pts = self.store.points(set_name)
@@ -322,17 +306,17 @@ class ServeSession:
         self.nodes[plan.point_id] = {(st.old.domain, st.old.target): st.old.node for st in plan.steps}
         if self.final_point:
             self.live = ()  # renamed into the point: nothing is left to serve or discard
-        return {"ok": True, "manifest": manifest_to_dict(final), "commit_ms": round((time.monotonic() - t0) * 1000.0, 3)}
+        return proto.CommitReply(final, round((time.monotonic() - t0) * 1000.0, 3)).to_wire()
 
-    def ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, req: proto.Ping) -> dict[str, Any]:
         daemon, _ = self._require()
-        return {"ok": True, "ms": round(daemon.ping(float(msg.get("timeout", 2.0))), 3)}
+        return proto.PingReply(round(daemon.ping(req.timeout), 3)).to_wire()
 
-    def prune(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def prune(self, req: proto.Prune) -> dict[str, Any]:
         """Retention while serving: older points merge as in snapshot mode; this session's points merge in the daemon."""
         _, set_name = self._require()
-        pol = Policy(**msg["policy"])
-        now = datetime.fromisoformat(msg["now"]) if msg.get("now") else datetime.now(UTC)
+        pol = req.policy
+        now = datetime.fromisoformat(req.now) if req.now else datetime.now(UTC)
         deleted = self.store.prune(set_name, pol, now, protect=frozenset(self.nodes))
         pts = self.store.points(set_name)
         doomed = prune_ids([PointTime(m.point_id, _parse_time(m.time_utc)) for m in pts], now, pol)
@@ -340,7 +324,7 @@ class ServeSession:
             if pid in self.nodes:
                 self._merge(set_name, pid)
                 deleted.append(pid)
-        return {"ok": True, "deleted": deleted}
+        return proto.PruneReply(tuple(deleted)).to_wire()
 
     def _merge(self, set_name: str, x_id: str) -> None:
         """Merge this session's point X into its child C with ``block-commit`` jobs in the daemon, exports live.
@@ -433,24 +417,27 @@ class ServeSession:
             self.pending = None
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "start":
-            return self.start(msg)
-        if op == "prepare":
-            return self.prepare(msg)
-        if op == "cut":
-            return self.cut(msg)
-        if op == "commit":
-            return self.commit(msg)
-        if op == "final":
-            return self.final(msg)
-        if op == "ping":
-            return self.ping(msg)
-        if op == "prune":
-            return self.prune(msg)
-        if op == "points":
-            return points_reply(self.store, msg["set"])
-        raise UsageError(f"unknown request {op!r}")
+        """Parse one request and run its handler (:attr:`HANDLERS`); the reply to send."""
+        req = proto.parse_request(msg, proto.SERVE_REQUESTS)
+        handler = self.HANDLERS.get(type(req))
+        if handler is None:
+            raise UsageError(f"unknown request {msg.get('op')!r}")
+        return handler(self, req)
+
+    def points(self, req: proto.Points) -> dict[str, Any]:
+        return points_reply(self.store, req.set_name)
+
+    #: op -> handler: every request a continuous session answers
+    HANDLERS: ClassVar[Mapping[type[Any], Callable[..., dict[str, Any]]]] = {
+        proto.Start: start,
+        proto.Prepare: prepare,
+        proto.Cut: cut,
+        proto.Commit: commit,
+        proto.Final: final,
+        proto.Ping: ping,
+        proto.Prune: prune,
+        proto.Points: points,
+    }
 
 
 def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
@@ -466,7 +453,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
     session = ServeSession(store)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        proto.send(out, {"ok": True, "version": proto.VERSION, "target": str(root), "serve": True})
+        proto.send(out, proto.Hello(proto.VERSION, str(root), serve=True).to_wire())
         out.flush()
         signal.signal(signal.SIGALRM, on_idle_alarm)
         while True:
@@ -477,7 +464,7 @@ def serve(root: Path, inp: BinaryIO, out: BinaryIO) -> int:
                 return 1
             finally:
                 signal.alarm(0)
-            if got is None or got[0].get("op") == "bye":
+            if got is None or got[0].get("op") == proto.Bye.OP:
                 return 0
             try:
                 reply = session.handle(got[0])

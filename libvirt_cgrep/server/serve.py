@@ -1,4 +1,4 @@
-"""``python -m libvirt_cgrep.replica.serve [--read-only] PATH``: the local receiver a sync starts for a local target.
+"""``python -m libvirt_cgrep.server.serve [--read-only] PATH``: the local receiver a sync starts for a local target.
 
 The same session as ``virt-cgrep receive PATH`` (``receiver.serve``), but
 without the whole CLI's imports (libvirt, the agent, hooks, lab), which every
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from libvirt_cgrep.errors import EXIT_OK, CgrepError, UsageError, exit_code_for
+from libvirt_cgrep.replica.link import parse_target
+from libvirt_cgrep.server.receiver import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from libvirt_cgrep.replica.link import parse_target
-    from libvirt_cgrep.replica.receiver import serve
-
+    """Run the session; the exit status of :func:`errors.exit_code_for` (0: a clean end, 1: a failure reported to the sender)."""
     p = argparse.ArgumentParser(prog="virt-cgrep receive")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("path")
