@@ -20,7 +20,8 @@ from libvirt_cgrep.core.retention import Policy
 from libvirt_cgrep.engine.backend import Backend
 from libvirt_cgrep.engine.libvirt_backend import LibvirtBackend
 from libvirt_cgrep.engine.sync import sync
-from libvirt_cgrep.replica.link import Link, parse_target
+from libvirt_cgrep.replica.client import Client
+from libvirt_cgrep.replica.link import parse_target
 
 #: the longest hold of a suspend fence, ms (``sync --deadline``'s default)
 DEADLINE_MS = 2000.0
@@ -83,11 +84,8 @@ def cycle(req: CycleRequest) -> CycleDone:
 
 def newest(target: str, set_name: str) -> Newest:
     """The newest point of ``set_name`` on ``target``; NotFoundError if the target is not a replica target."""
-    link = Link(parse_target(target), readonly=True)
-    try:
-        listing = link.request({"op": "points", "set": set_name})["listing"]
-    finally:
-        link.close()
+    with Client(parse_target(target), readonly=True) as client:
+        listing = client.points(set_name).listing
     if not listing:
         return Newest()
     last = listing[-1]
