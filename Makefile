@@ -6,11 +6,11 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config cpio gcc libc6-dev openssh-server openssh-client busybox-static python3-venv python3-dev procps
 # building and checking the .deb (make deb; tests/test_packaging.py), with Debian's python3 modules
-DEB_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev \
+DEB_PACKAGES := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev \
 	lintian python3-libvirt python3-lxml python3-prometheus-client python3-zstandard
 PYTEST_ARGS ?=
 
-.PHONY: all install deps venv daemons lab test test-all test-platforms test-other demo-other platform lint readme demo demo-clean clean deb deb-deps man completion print-apt-packages
+.PHONY: all install deps venv daemons lab test test-all test-platforms test-other demo-other platform lint readme demo demo-clean clean deb deb-check deb-deps man completion print-apt-packages
 
 all: install
 
@@ -79,6 +79,11 @@ completion: venv
 deb: deb-deps
 	@scripts/build-deb build/deb
 	lintian --fail-on error build/deb/virt-cgrep_*_all.deb
+
+## deb-check: the .deb built, installed with apt and used (a lab VM, a point, a sync) in a fresh container of each release
+deb-check:
+	scripts/platform run bookworm -- scripts/deb-check
+	scripts/platform run trixie -- scripts/deb-check
 
 deb-deps:
 	@scripts/install-deps $(DEB_PACKAGES)
